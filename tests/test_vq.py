@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_causal, rel_err
-from model import (GPT, GPTConfig, VQGatedUnit, _scan, vq_attention, vq_block_attention_torch,
-                   vq_compressive_cache)
+from model import (GPT, GPTConfig, VQGatedUnit, _scan, rms_norm, vq_attention, vq_block_attention_torch,
+                   vq_chunk_attention_torch, vq_compressive_cache)
 
 
 
@@ -49,11 +49,12 @@ def dense_reference(q, k_hat, v, L, bias=None):
 # ---------------------------------------------------------------- the main identity
 
 
+@pytest.mark.parametrize("G", [1, 2, 3, None])  # blocks per chunk of the CPU path (None: its default)
 @pytest.mark.parametrize("T,L,S", [(50, 16, 24), (64, 16, 64), (37, 8, 5), (12, 32, 16), (97, 12, 40)])
-def test_equals_dense_attention_over_quantized_keys(T, L, S):
+def test_equals_dense_attention_over_quantized_keys(T, L, S, G):
     q, k_hat, z, v, codebook = quantized_inputs(2, 2, T, S, 12, 10)
     q, k_hat, v = (t.requires_grad_(True) for t in (q, k_hat, v))
-    out = vq_attention(q, k_hat, z, v, codebook, L)
+    out = vq_attention(q, k_hat, z, v, codebook, L, chunk_blocks=G)
     ref = dense_reference(q, k_hat, v, L)
     assert rel_err(out, ref) < 1e-10
     # with no cache in play, the reference is plain SDPA over k_hat (scale 1: q, k are pre-scaled)
@@ -66,14 +67,15 @@ def test_equals_dense_attention_over_quantized_keys(T, L, S):
         assert rel_err(g, gr) < 1e-10
 
 
+@pytest.mark.parametrize("G", [1, 2, 4])
 @pytest.mark.parametrize("T,L,S", [(50, 16, 24), (41, 8, 7)])
-def test_equals_dense_attention_with_relative_bias(T, L, S):
+def test_equals_dense_attention_with_relative_bias(T, L, S, G):
     """With the window bias, the block equals dense attention with bias[i, i-j] for i-j <= L:
     keys further away (rest of the previous block, and the cache) get no position term."""
     q, k_hat, z, v, codebook = quantized_inputs(1, 2, T, S, 12, 10, seed=1)
     bias = torch.randn(1, 2, T, L + 1, dtype=torch.float64)
     q, k_hat, v, bias = (t.requires_grad_(True) for t in (q, k_hat, v, bias))
-    out = vq_attention(q, k_hat, z, v, codebook, L, bias)
+    out = vq_attention(q, k_hat, z, v, codebook, L, bias, chunk_blocks=G)
     ref = dense_reference(q, k_hat, v, L, bias)
     assert rel_err(out, ref) < 1e-10
     do = torch.randn_like(out)
@@ -245,10 +247,45 @@ def test_gradients_reach_every_parameter():
 
 def test_gradcheck_attention():
     """Exact derivatives of the block-wise attention in all its differentiable inputs."""
-    q, k_hat, z, v, codebook = quantized_inputs(1, 1, 11, 4, 3, 2, seed=3)
-    bias = torch.randn(1, 1, 11, 4, dtype=torch.float64)
+    q, k_hat, z, v, codebook = quantized_inputs(1, 1, 14, 4, 3, 2, seed=3)
+    bias = torch.randn(1, 1, 14, 4, dtype=torch.float64)
     inputs = tuple(t.requires_grad_(True) for t in (q, k_hat, v, bias))
-    assert torch.autograd.gradcheck(lambda q, k, v, b: vq_attention(q, k, z, v, codebook, 3, b), inputs)
+    assert torch.autograd.gradcheck(lambda q, k, v, b: vq_attention(q, k, z, v, codebook, 3, b, 1), inputs)
+    # chunks of two blocks: the same derivatives in q, v and the bias. (In k the chunked path
+    # reads the older keys of a chunk from k^ itself, equal to their codewords only on the
+    # quantized values, so its k-gradient is checked against the block-wise path instead.)
+    assert torch.autograd.gradcheck(lambda q, v, b: vq_attention(q, k_hat.detach(), z, v, codebook, 3, b, 2),
+                                    (inputs[0], inputs[2], inputs[3]))
+
+
+@pytest.mark.parametrize("B,H,T,L,S,G", [(2, 2, 48, 8, 6, 2), (1, 3, 90, 6, 20, 5), (1, 1, 64, 16, 64, 4)])
+def test_chunked_path_equals_block_wise_path(B, H, T, L, S, G):
+    """The CPU path (chunks of G blocks, a cache per chunk) against the block-wise computation
+    the Triton kernels implement (a cache per block), on outputs and every gradient."""
+    q, k_hat, z, v, codebook = quantized_inputs(B, H, T, S, 12, 10, seed=T)
+    bias = torch.randn(B, H, T, L + 1, dtype=torch.float64)
+    leaves = [t.requires_grad_(True) for t in (q, k_hat, v, bias)]
+    out = vq_chunk_attention_torch(q, k_hat, z, v, bias, codebook, L, G)
+    counts, sums = vq_compressive_cache(z, v, S, L)
+    ref = vq_block_attention_torch(q, k_hat, v, bias, codebook, counts, sums, L)
+    assert rel_err(out, ref) < 1e-10
+    do = torch.randn_like(out)
+    for name, g, gr in zip("qkvb", torch.autograd.grad(out, leaves, do), torch.autograd.grad(ref, leaves, do)):
+        assert rel_err(g, gr) < 1e-10, name
+
+
+@pytest.mark.parametrize("weight,scale", [(True, 1.0), (True, 0.5), (False, 0.3)])
+def test_rms_norm_equals_torch(weight, scale):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 3 * 24, dtype=torch.float64)[..., 5:29].requires_grad_(True)  # strided rows
+    w = torch.randn(24, dtype=torch.float64, requires_grad=True) if weight else None
+    out = rms_norm(x, w, scale)
+    ref = F.rms_norm(x, (24,), w, eps=1e-6) * scale
+    assert rel_err(out, ref) < 1e-12
+    leaves = (x, w) if weight else (x,)
+    do = torch.randn_like(out)
+    for g, gr in zip(torch.autograd.grad(out, leaves, do), torch.autograd.grad(ref, leaves, do)):
+        assert rel_err(g, gr) < 1e-12
 
 
 def _decode_config(**kw):
