@@ -216,7 +216,6 @@ def _f32(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-
 class _RMSNorm(torch.autograd.Function):
     """y = x / rms(x) * w * scale over the last dimension (w may be None), with eps inside the
     root. The same function as F.rms_norm, in fewer passes over memory and fewer temporaries
@@ -248,6 +247,7 @@ def rms_norm(x, weight=None, scale=1.0, eps=1e-6):
     if x.is_cuda:  # fused there
         return F.rms_norm(x, (x.shape[-1],), weight, eps=eps) * scale
     return _RMSNorm.apply(x, weight, scale, eps)
+
 
 class _StraightThrough(torch.autograd.Function):
     """Forward: exactly the codewords. Backward: the gradient goes to the keys unchanged."""
@@ -291,9 +291,9 @@ class _CacheSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, z, first, R, S):
         N, T, dv = v.shape
-        spare = int(first.max()) + 1 - R if T else 0  # rows past the end take the last positions
-        rows = (first * S + z + torch.arange(N, device=z.device)[:, None] * ((R + max(spare, 0)) * S)).view(-1)
-        U = v.new_zeros(N * (R + max(spare, 0)) * S, dv).index_add_(0, rows, v.reshape(-1, dv))
+        n_rows = max(R, int(first.max()) + 1)  # rows past R take the positions no row uses
+        rows = (first * S + z + torch.arange(N, device=z.device)[:, None] * (n_rows * S)).view(-1)
+        U = v.new_zeros(N * n_rows * S, dv).index_add_(0, rows, v.reshape(-1, dv))
         ctx.save_for_backward(z, first)
         ctx.shape = (R, S)
         return _scan(U.view(N, -1, S * dv)[:, :R]).view(N, R, S, dv)
@@ -430,6 +430,7 @@ def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G):
     (q . k^_j = q . c_z_j, no gradient to k). Blocks older than that are in a per-chunk cache
     (counts and value sums by cumulative sums over chunks): (T/C) S d_v floats instead of
     (T/L) S d_v, for (L + C) keys per query instead of 2L. G = 1 is the block-wise form.
+    k must hold the quantized keys (values equal to the codewords of z), as VQGatedUnit's do.
     q, k, v (B, H, n*C, .), z (B, H, n*C), bias (B, H, n*C, L+1) or None. Returns (B, H, n*C, d_v)."""
     B, H, Tp, dk = q.shape
     C, S, dv = G * L, codebook.shape[1], v.shape[-1]
