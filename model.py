@@ -361,6 +361,34 @@ def vq_block_attention_torch(q, k, v, bias, codebook, counts, sums, L):
     return o.view(B, H, Tp, dv)
 
 
+def _chunk_scores(x, y, L, before_first):
+    """s = x [y_before | y_chunk]^T per chunk: x, y (B, H, n, C, d) -> (B, H, n, C, L+C), where
+    y_before is the last block of the previous chunk; before_first fills the first chunk's."""
+    B, H, n, C, _ = x.shape
+    s = x.new_empty(B, H, n, C, L + C)
+    s[..., L:] = x @ y.transpose(-1, -2)
+    s[:, :, 0, :, :L] = before_first
+    s[:, :, 1:, :, :L] = x[:, :, 1:] @ y[:, :, :-1, C - L:].transpose(-1, -2)
+    return s
+
+
+def _chunk_mix(a, y, L):
+    """The product back: a [y_before | y_chunk], a (B, H, n, C, L+C) -> (B, H, n, C, d)."""
+    C = y.shape[3]
+    o = a[..., L:] @ y
+    o[:, :, 1:] += a[:, :, 1:, :, :L] @ y[:, :, :-1, C - L:]
+    return o
+
+
+def _chunk_mix_t(a, x, L):
+    """The transposed product: a^T x, each chunk's first L columns of a landing on the last
+    block of the previous chunk (nothing for the first chunk's)."""
+    C = x.shape[3]
+    o = a[..., L:].transpose(-1, -2) @ x
+    o[:, :, :-1, C - L:] += a[:, :, 1:, :, :L].transpose(-1, -2) @ x[:, :, 1:]
+    return o
+
+
 class _ChunkLogits(torch.autograd.Function):
     """Content logits of each chunk's queries (B, H, n, C, .) against the block before the
     chunk and the chunk itself: s (B, H, n, C, L+C), -inf before the first chunk. Backward:
@@ -369,55 +397,34 @@ class _ChunkLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, L):
-        B, H, n, C, dk = q.shape
-        s = q.new_empty(B, H, n, C, L + C)
-        s[..., L:] = q @ k.transpose(-1, -2)
-        s[:, :, 0, :, :L] = float("-inf")
-        s[:, :, 1:, :, :L] = q[:, :, 1:] @ k[:, :, :-1, C - L:].transpose(-1, -2)
         ctx.save_for_backward(q, k)
         ctx.L = L
-        return s
+        return _chunk_scores(q, k, L, float("-inf"))
 
     @staticmethod
     def backward(ctx, ds):
         q, k = ctx.saved_tensors
-        L = ctx.L
-        C = q.shape[3]
-        ds_prev, ds_own = ds[..., :L], ds[..., L:]
-        dq = ds_own @ k
-        dq[:, :, 1:] += ds_prev[:, :, 1:] @ k[:, :, :-1, C - L:]
-        i = torch.arange(C, device=q.device) // L
-        dk = (ds_own * (i[None, :] >= i[:, None] - 1)).transpose(-1, -2) @ q  # key block >= query block - 1
-        # the block before a chunk is in the window of the chunk's first block only
-        dk[:, :, :-1, C - L:] += ds_prev[:, :, 1:, :L].transpose(-1, -2) @ q[:, :, 1:, :L]
-        return dq, dk, None
+        L, C = ctx.L, q.shape[3]
+        p = torch.arange(C, device=q.device)
+        e = torch.arange(L + C, device=q.device)
+        window = e[None, :] // L >= p[:, None] // L  # key block >= query block - 1 (column e is position e - L)
+        return _chunk_mix(ds, k, L), _chunk_mix_t(ds * window, q, L), None
 
 
 class _ChunkMix(torch.autograd.Function):
-    """The values side of _ChunkLogits: o = a[..., L:] v_chunk + a[..., :L] v_block-before,
-    a (B, H, n, C, L+C), v (B, H, n, C, d_v), without copying the values into windows."""
+    """The values side of _ChunkLogits: o = a [v_before | v_chunk], a (B, H, n, C, L+C),
+    v (B, H, n, C, d_v), without copying the values into windows."""
 
     @staticmethod
     def forward(ctx, a, v, L):
-        C = v.shape[3]
-        o = a[..., L:] @ v
-        o[:, :, 1:] += a[:, :, 1:, :, :L] @ v[:, :, :-1, C - L:]
         ctx.save_for_backward(a, v)
         ctx.L = L
-        return o
+        return _chunk_mix(a, v, L)
 
     @staticmethod
     def backward(ctx, do):
         a, v = ctx.saved_tensors
-        L = ctx.L
-        C = v.shape[3]
-        da = torch.empty_like(a)
-        da[..., L:] = do @ v.transpose(-1, -2)
-        da[:, :, 0, :, :L] = 0
-        da[:, :, 1:, :, :L] = do[:, :, 1:] @ v[:, :, :-1, C - L:].transpose(-1, -2)
-        dv = a[..., L:].transpose(-1, -2) @ do
-        dv[:, :, :-1, C - L:] += a[:, :, 1:, :, :L].transpose(-1, -2) @ do[:, :, 1:]
-        return da, dv, None
+        return _chunk_scores(do, v, ctx.L, 0.0), _chunk_mix_t(a, do, ctx.L), None
 
 
 def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G):
