@@ -283,7 +283,7 @@ def main(argv):
         if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"] or cfg["eval_only"]:
             row = {"iter": iter_num, **evaluate(), "lr": lr}
             if train_aux is not None:  # auxiliary loss (e.g. VQ commitment) of the last training step
-                row["train/aux_loss"] = train_aux
+                row["train/aux_loss"] = train_aux.item()
             ms = float(np.median(step_ms)) if step_ms else None
             mem_key, mem = peak_memory(device_type)
             row.update({"ms_per_iter": ms, "tokens_per_sec": tokens_per_iter / (ms / 1000) if ms else None,
@@ -328,7 +328,7 @@ def main(argv):
                 stop(f"non-finite training loss ({loss.item()}) at iteration {iter_num}")
             scaler.scale(loss).backward()
         if raw_model.last_aux_loss is not None:
-            train_aux = raw_model.last_aux_loss.item()
+            train_aux = raw_model.last_aux_loss.detach()  # read (synced) only when a row is logged
         if cfg["grad_clip"] > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
