@@ -282,7 +282,7 @@ def main(argv):
                                                         if opts["input"] else ""))
         if not name:
             raise configurator.ConfigError(f"name a dataset ({', '.join(BUILTIN)}) or give --input=FILE")
-        prepare(name, **{**opts, "name": opts["name"] if names else ""})
+        prepare(name, **opts)
     except (configurator.ConfigError, DataError) as e:
         configurator.fail(str(e))
 
