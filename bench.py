@@ -54,6 +54,7 @@ from dataclasses import fields
 
 import torch
 
+import configurator
 from model import ATTENTION, GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -460,19 +461,6 @@ def command_line(argv):
     return "python bench.py" + ("" if not argv else " " + shlex.join(argv))
 
 
-def write_atomic(path, data):
-    """Write text or bytes to a temporary file next to path, then rename over it."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 CSV_COLUMNS = ["what", "attention", "T", "device", "dtype", "status", "ms", "ms_min", "repeats", "ratio_vs_dense",
                "peak_mem_mib", "mem_method", "time_exponent", "mem_exponent", "n_params", "knobs", "note"]
 
@@ -485,7 +473,7 @@ def write_reports(rows, what, out_dir, argv, device):
     w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-    write_atomic(base + ".csv", buf.getvalue())
+    configurator.write_atomic(base + ".csv", buf.getvalue())
 
     facts = machine_facts(device)
     facts["dtype"] = next((r["dtype"] for r in rows if r["dtype"]), "-")
@@ -509,7 +497,7 @@ def write_reports(rows, what, out_dir, argv, device):
         "## Machine", "", *[f"- {k}: {v}" for k, v in facts.items()], f"- command: `{cmd}`", "",
         "## Results", "", tables, "",
         "## Block knobs (from each attention's CPU config)", "", *knob_lines, ""])
-    write_atomic(base + ".md", md)
+    configurator.write_atomic(base + ".md", md)
     write_plot(rows, what, base + ".png", device)
     return section, [base + ".csv", base + ".md", base + ".png"]
 
@@ -545,7 +533,7 @@ def write_plot(rows, what, path, device):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    configurator.write_atomic(path, buf.getvalue())
 
 
 def replace_readme_section(path, what, section, prefix="bench"):
@@ -555,7 +543,7 @@ def replace_readme_section(path, what, section, prefix="bench"):
     i, j = text.find(begin), text.find(end)
     if i < 0 or j < i:
         raise BenchError(f"{path} has no '{begin}' ... '{end}' markers")
-    write_atomic(path, text[:i + len(begin)] + "\n" + section + text[j:])
+    configurator.write_atomic(path, text[:i + len(begin)] + "\n" + section + text[j:])
 
 
 # -----------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def main(argv):
     md = "\n".join([f"Median ms per generated token after a C-token prompt; `python bench_decode.py {' '.join(argv)}`",
                     "; ".join(f"{k}: {v}" for k, v in facts.items()), ""] + head + rows) + "\n"
     os.makedirs(o["out"], exist_ok=True)
-    bench.write_atomic(os.path.join(o["out"], "bench_decode.md"), md)
+    configurator.write_atomic(os.path.join(o["out"], "bench_decode.md"), md)
     print(md)
 
 

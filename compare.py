@@ -144,11 +144,11 @@ def write_outputs(rows, logs, out, title, extra=""):
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
     w.writerows(rows)
-    bench.write_atomic(os.path.join(out, "results.csv"), buf.getvalue())
+    configurator.write_atomic(os.path.join(out, "results.csv"), buf.getvalue())
     md = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     md += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
     table = "\n".join(md) + (f"\n\n{extra}" if extra else "")
-    bench.write_atomic(os.path.join(out, "results.md"), f"{title}\n\n{table}\n")
+    configurator.write_atomic(os.path.join(out, "results.md"), f"{title}\n\n{table}\n")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -166,7 +166,7 @@ def write_outputs(rows, logs, out, title, extra=""):
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    bench.write_atomic(os.path.join(out, "losses.png"), buf.getvalue())
+    configurator.write_atomic(os.path.join(out, "losses.png"), buf.getvalue())
     print(table)
     return table
 

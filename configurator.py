@@ -7,7 +7,8 @@ Order of precedence: the script's module-level defaults < the config file's top 
 the config file's `scales[scale]` preset < command-line flags. A config file may hold a
 `scales = {'cpu': {...}, 'gpu': {...}}` dict; `scale='auto'` picks 'gpu' when CUDA is
 available and 'cpu' otherwise. Unknown keys and wrong types raise ConfigError, which the
-scripts turn into a one-line message and exit code 2.
+scripts turn into a one-line message and exit code 2. Also the scripts' shared output rules:
+fail() for bad input, write_atomic() for every file they write.
 """
 
 import ast
@@ -90,6 +91,23 @@ def load(argv, defaults, choose_scale=None):
                 raise ConfigError(f"unknown config key {k!r} ({where})")
             config[k] = _check_type(k, v, defaults[k], where)
     return config, notes
+
+
+def write_atomic(path, data):
+    """Write to a temporary file next to path, then rename it over path: a crash midway leaves
+    the old file whole. data: str, bytes, or a function that writes the file at a given path."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def fail(message):

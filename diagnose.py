@@ -25,6 +25,7 @@ error_vs_budget.png into --report_dir (default: out_dir). Bad input: one line, e
 
 import argparse
 import csv
+import io
 import math
 import os
 import sys
@@ -33,6 +34,8 @@ from dataclasses import fields
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import configurator
 
 
 class DiagnoseError(Exception):
@@ -199,7 +202,8 @@ def plots(report_dir, ns, growth, exps, errors, samples, buckets, title, c, r):
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(report_dir, "kernel_sum_growth.png"), dpi=120)
+    configurator.write_atomic(os.path.join(report_dir, "kernel_sum_growth.png"),
+                              lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -212,7 +216,8 @@ def plots(report_dir, ns, growth, exps, errors, samples, buckets, title, c, r):
     ax.set_title(f"{title}\nexact chunks of {c}, {r} hash bits, positions >= {c}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(report_dir, "error_vs_budget.png"), dpi=120)
+    configurator.write_atomic(os.path.join(report_dir, "error_vs_budget.png"),
+                              lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -264,15 +269,17 @@ def main(argv):
         own = (config.kh_bucket_block, config.kh_samples, float(np.mean(per_layer)))
 
     os.makedirs(report_dir, exist_ok=True)
-    with open(os.path.join(report_dir, "diagnose_heads.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["layer", "head", "exponent", "exponent_row_normalised", "top_n_share"])
-        w.writeheader()
-        w.writerows(heads)
-    with open(os.path.join(report_dir, "diagnose_error.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["layer", "min_seq_len", "bucket_block", "samples", "hash_bits", "rel_err", "rel_err_std"])
-        for (layer, b, m), (e, sd) in errors.items():
-            w.writerow([layer, c, b, m, r, f"{e:.6g}", f"{sd:.3g}"])
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=["layer", "head", "exponent", "exponent_row_normalised", "top_n_share"])
+    w.writeheader()
+    w.writerows(heads)
+    configurator.write_atomic(os.path.join(report_dir, "diagnose_heads.csv"), buf.getvalue())
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["layer", "min_seq_len", "bucket_block", "samples", "hash_bits", "rel_err", "rel_err_std"])
+    for (layer, b, m), (e, sd) in errors.items():
+        w.writerow([layer, c, b, m, r, f"{e:.6g}", f"{sd:.3g}"])
+    configurator.write_atomic(os.path.join(report_dir, "diagnose_error.csv"), buf.getvalue())
 
     all_exp = np.array([h["exponent"] for h in heads])
     row_exp = np.array([h["exponent_row_normalised"] for h in heads])
@@ -305,8 +312,7 @@ def main(argv):
                       f"relative output error {own[2]:.4f}."]
     lines += ["", "Plots: `kernel_sum_growth.png`, `error_vs_budget.png`. Tables: `diagnose_heads.csv`, "
                   "`diagnose_error.csv`.", ""]
-    with open(os.path.join(report_dir, "diagnose.md"), "w") as f:
-        f.write("\n".join(lines))
+    configurator.write_atomic(os.path.join(report_dir, "diagnose.md"), "\n".join(lines))
     plots(report_dir, ns, (growth, growth_row), (exps, exps_row), errors, samples, buckets, title, c, r)
     print(f"exponent alpha: mean {all_exp.mean():.3f} (min {all_exp.min():.3f}, max {all_exp.max():.3f}): "
           f"the assumption {verdict(all_exp.mean())}; row-normalised: mean {row_exp.mean():.3f}")

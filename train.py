@@ -98,17 +98,12 @@ def peak_memory(device_type):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash midway leaves the old file intact."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through a temporary file: a crash midway leaves the old checkpoint intact."""
+    configurator.write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_json_atomic(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    configurator.write_atomic(path, json.dumps(obj, indent=2))
 
 
 def init_wandb(cfg, master):
