@@ -90,8 +90,8 @@ def run_one(name, config_file, flags, o, out_dir, group):
     print(f"[{name}] train.py {config_file} " + " ".join(args[3:]), flush=True)
     t0 = time.time()
     r = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with open(os.path.join(out_dir, "train.log") if os.path.isdir(out_dir) else os.devnull, "w") as f:
-        f.write(r.stdout)
+    if os.path.isdir(out_dir):  # train.py made it, unless it failed on its arguments
+        configurator.write_atomic(os.path.join(out_dir, "train.log"), r.stdout)
     if r.returncode != 0:
         tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "no output"
         raise RuntimeError(f"run {name} failed: {tail}")
