@@ -26,6 +26,67 @@ import triton.language as tl
 
 
 @triton.jit
+def _program(H):
+    """This program's block index, batch*head index (int64, for the offsets) and head."""
+    r = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    return r, bh, bh % H
+
+
+@triton.jit
+def _block_tile(X, bh, rb, c0, T, L: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
+    """Pointers into the (B*H, T, D) tensor X, and mask, of the [BL, BC] tile of rows
+    rb*L .. rb*L+L-1 of sequence bh and columns c0 .. c0+BC-1; a negative block index means
+    no block (all masked)."""
+    i = tl.arange(0, BL)
+    c = c0 + tl.arange(0, BC)
+    rows = rb * L + i
+    n_rows = tl.where(rb >= 0, L, 0)  # none for a negative block (`& (rb >= 0)` fails in the interpreter)
+    # offsets added to the pointer term by term (summing them in 64 bits first costs registers)
+    return (X + bh * T * D + rows[:, None] * D + c[None, :],
+            (i[:, None] < n_rows) & (c[None, :] < D))
+
+
+@triton.jit
+def _load_block(X, bh, rb, c0, T, L: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
+    """The _block_tile tile of X, zero where masked."""
+    ptrs, ok = _block_tile(X, bh, rb, c0, T, L, D, BL, BC)
+    return tl.load(ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
+def _store_block(X, x, bh, rb, c0, T, L: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
+    """Store x into the _block_tile tile of X."""
+    ptrs, ok = _block_tile(X, bh, rb, c0, T, L, D, BL, BC)
+    tl.store(ptrs, x, mask=ok)
+
+
+@triton.jit
+def _code_tile(X, s0, c0, S: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr):
+    """Pointers into the (S, D) matrix at X (one head's codebook, one block's value sums), and
+    mask, of the [BS, BC] tile of codes s0 .. s0+BS-1 and columns c0 .. c0+BC-1."""
+    s = s0 + tl.arange(0, BS)
+    c = c0 + tl.arange(0, BC)
+    return X + s[:, None] * D + c[None, :], (s[:, None] < S) & (c[None, :] < D)
+
+
+@triton.jit
+def _load_codes(X, s0, c0, S: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr):
+    """The _code_tile tile of the (S, D) matrix at X, zero where masked."""
+    ptrs, ok = _code_tile(X, s0, c0, S, D, BS, BC)
+    return tl.load(ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
+def _load_rows(X, bh, rb, T, L: tl.constexpr, BL: tl.constexpr):
+    """Entries rb*L .. rb*L+L-1 of row bh of the (B*H, T) tensor X (the row logsumexp, or
+    delta = rowsum(dO * O)); zero past the block, or everywhere for a negative block index."""
+    i = tl.arange(0, BL)
+    rows = rb * L + i
+    return tl.load(X + bh * T + rows, mask=(i < L) & (rows >= 0), other=0.0)
+
+
+@triton.jit
 def _window_logits(Q, K, BIAS, bh, rq, rk, T,
                    L: tl.constexpr, DK: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr):
     """Logits of the L queries of block rq against the L keys of block rk (rk = rq or rq - 1),
@@ -36,11 +97,8 @@ def _window_logits(Q, K, BIAS, bh, rq, rk, T,
     k_rows = rk * L + j
     acc = tl.zeros([BL, BL], dtype=tl.float32)
     for k0 in range(0, DK, BK):
-        kk = k0 + tl.arange(0, BK)
-        q = tl.load(Q + bh * T * DK + q_rows[:, None] * DK + kk[None, :],
-                    mask=(i[:, None] < L) & (q_rows[:, None] >= 0) & (kk[None, :] < DK), other=0.0)
-        k = tl.load(K + bh * T * DK + k_rows[:, None] * DK + kk[None, :],
-                    mask=(j[:, None] < L) & (k_rows[:, None] >= 0) & (kk[None, :] < DK), other=0.0)
+        q = _load_block(Q, bh, rq, k0, T, L, DK, BL, BK)
+        k = _load_block(K, bh, rk, k0, T, L, DK, BL, BK)
         acc += tl.dot(q, tl.trans(k))
     # distance from query to key; the bias table has columns 0..L
     dist = (rq - rk) * L + i[:, None] - j[None, :]
@@ -48,6 +106,15 @@ def _window_logits(Q, K, BIAS, bh, rq, rk, T,
     near = valid & (dist <= L)
     b = tl.load(BIAS + bh * T * (L + 1) + q_rows[:, None] * (L + 1) + dist, mask=near, other=0.0)
     return tl.where(valid, acc + b, float("-inf")), valid
+
+
+@triton.jit
+def _window_probs(Q, K, BIAS, LSE, bh, rq, rk, T,
+                  L: tl.constexpr, DK: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr):
+    """Softmax probabilities of the _window_logits, recomputed from the saved row logsumexp."""
+    s, ok = _window_logits(Q, K, BIAS, bh, rq, rk, T, L, DK, BL, BK)
+    lse = _load_rows(LSE, bh, rq, T, L, BL)
+    return tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
 
 
 @triton.jit
@@ -60,11 +127,8 @@ def _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R,
     s = s0 + tl.arange(0, BS)
     acc = tl.zeros([BL, BS], dtype=tl.float32)
     for k0 in range(0, DK, BK):
-        kk = k0 + tl.arange(0, BK)
-        q = tl.load(Q + bh * T * DK + (r * L + i)[:, None] * DK + kk[None, :],
-                    mask=(i[:, None] < L) & (kk[None, :] < DK), other=0.0)
-        c = tl.load(CB + h * S * DK + s[:, None] * DK + kk[None, :],
-                    mask=(s[:, None] < S) & (kk[None, :] < DK), other=0.0)
+        q = _load_block(Q, bh, r, k0, T, L, DK, BL, BK)
+        c = _load_codes(CB + h * S * DK, s0, k0, S, DK, BS, BK)
         acc += tl.dot(q, tl.trans(c))
     n = tl.load(CNT + (bh * R + r) * S + s, mask=s < S, other=0.0)
     valid = (i[:, None] < L) & (n[None, :] > 0)
@@ -76,12 +140,8 @@ def _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R,
 def _vq_fwd_kernel(Q, K, V, BIAS, CB, CNT, U, O, LSE, T, R, H,
                    L: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    r = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    h = bh % H
+    r, bh, h = _program(H)
     i = tl.arange(0, BL)
-    j = tl.arange(0, BL)
-    s = tl.arange(0, BS)
     row_ok = i < L
     s_cur, ok_cur = _window_logits(Q, K, BIAS, bh, r, r, T, L, DK, BL, BK)
     s_prev, ok_prev = _window_logits(Q, K, BIAS, bh, r, r - 1, T, L, DK, BL, BK)
@@ -99,17 +159,11 @@ def _vq_fwd_kernel(Q, K, V, BIAS, CB, CNT, U, O, LSE, T, R, H,
     p_prev = p_prev / l[:, None]
     w_c = w_c / l[:, None]
     for v0 in range(0, DV, BV):
-        vv = v0 + tl.arange(0, BV)
-        v_ok = vv < DV
-        v_cur = tl.load(V + bh * T * DV + (r * L + j)[:, None] * DV + vv[None, :],
-                        mask=(j[:, None] < L) & v_ok[None, :], other=0.0)
-        v_prev = tl.load(V + bh * T * DV + ((r - 1) * L + j)[:, None] * DV + vv[None, :],
-                         mask=(j[:, None] < L) & (((r - 1) * L + j)[:, None] >= 0) & v_ok[None, :], other=0.0)
-        u = tl.load(U + ((bh * R + r) * S + s[:, None]) * DV + vv[None, :],
-                    mask=(s[:, None] < S) & v_ok[None, :], other=0.0)
+        v_cur = _load_block(V, bh, r, v0, T, L, DV, BL, BV)
+        v_prev = _load_block(V, bh, r - 1, v0, T, L, DV, BL, BV)
+        u = _load_codes(U + (bh * R + r) * S * DV, 0, v0, S, DV, BS, BV)
         o = tl.dot(p_cur, v_cur) + tl.dot(p_prev, v_prev) + tl.dot(w_c, u)
-        tl.store(O + bh * T * DV + (r * L + i)[:, None] * DV + vv[None, :], o,
-                 mask=row_ok[:, None] & v_ok[None, :])
+        _store_block(O, o, bh, r, v0, T, L, DV, BL, BV)
 
 
 @triton.jit
@@ -117,50 +171,32 @@ def _vq_bwd_q_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DQ, DBIAS, T, R, H,
                      L: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                      BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Window part of dq, and dbias; _vq_bwd_cache_kernel adds the cache part of dq."""
-    r = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    i = tl.arange(0, BL)
-    j = tl.arange(0, BL)
-    row_ok = i < L
-    rows = r * L + i
-    s_cur, ok_cur = _window_logits(Q, K, BIAS, bh, r, r, T, L, DK, BL, BK)
-    s_prev, ok_prev = _window_logits(Q, K, BIAS, bh, r, r - 1, T, L, DK, BL, BK)
-    lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
-    p_cur = tl.where(ok_cur, tl.exp(s_cur - lse[:, None]), 0.0)
-    p_prev = tl.where(ok_prev, tl.exp(s_prev - lse[:, None]), 0.0)
+    r, bh, _ = _program(H)
+    p_cur = _window_probs(Q, K, BIAS, LSE, bh, r, r, T, L, DK, BL, BK)
+    p_prev = _window_probs(Q, K, BIAS, LSE, bh, r, r - 1, T, L, DK, BL, BK)
+    delta = _load_rows(DELTA, bh, r, T, L, BL)
     dp_cur = tl.zeros([BL, BL], dtype=tl.float32)
     dp_prev = tl.zeros([BL, BL], dtype=tl.float32)
     for v0 in range(0, DV, BV):
-        vv = v0 + tl.arange(0, BV)
-        v_ok = vv < DV
-        do = tl.load(DO + bh * T * DV + rows[:, None] * DV + vv[None, :],
-                     mask=row_ok[:, None] & v_ok[None, :], other=0.0)
-        v_cur = tl.load(V + bh * T * DV + (r * L + j)[:, None] * DV + vv[None, :],
-                        mask=(j[:, None] < L) & v_ok[None, :], other=0.0)
-        v_prev = tl.load(V + bh * T * DV + ((r - 1) * L + j)[:, None] * DV + vv[None, :],
-                         mask=(j[:, None] < L) & (((r - 1) * L + j)[:, None] >= 0) & v_ok[None, :], other=0.0)
+        do = _load_block(DO, bh, r, v0, T, L, DV, BL, BV)
+        v_cur = _load_block(V, bh, r, v0, T, L, DV, BL, BV)
+        v_prev = _load_block(V, bh, r - 1, v0, T, L, DV, BL, BV)
         dp_cur += tl.dot(do, tl.trans(v_cur))
         dp_prev += tl.dot(do, tl.trans(v_prev))
     ds_cur = p_cur * (dp_cur - delta[:, None])
     ds_prev = p_prev * (dp_prev - delta[:, None])
     # bias gradient: column d of row i comes from key i-d of this block (d <= i), else
     # from key L+i-d of the previous one (zero in block 0); every column is written once
-    jj = j[None, :]
-    ii = i[:, None]
-    base = DBIAS + bh * T * (L + 1) + rows[:, None] * (L + 1)
-    tl.store(base + (ii - jj), ds_cur, mask=row_ok[:, None] & (jj <= ii))
-    tl.store(base + (L + ii - jj), ds_prev, mask=row_ok[:, None] & (jj >= ii) & (jj < L))
+    ii = tl.arange(0, BL)[:, None]
+    jj = tl.arange(0, BL)[None, :]
+    base = DBIAS + bh * T * (L + 1) + (r * L + ii) * (L + 1)
+    tl.store(base + (ii - jj), ds_cur, mask=(ii < L) & (jj <= ii))
+    tl.store(base + (L + ii - jj), ds_prev, mask=(ii < L) & (jj >= ii) & (jj < L))
     for k0 in range(0, DK, BK):
-        kk = k0 + tl.arange(0, BK)
-        k_ok = kk < DK
-        k_cur = tl.load(K + bh * T * DK + (r * L + j)[:, None] * DK + kk[None, :],
-                        mask=(j[:, None] < L) & k_ok[None, :], other=0.0)
-        k_prev = tl.load(K + bh * T * DK + ((r - 1) * L + j)[:, None] * DK + kk[None, :],
-                         mask=(j[:, None] < L) & (((r - 1) * L + j)[:, None] >= 0) & k_ok[None, :], other=0.0)
+        k_cur = _load_block(K, bh, r, k0, T, L, DK, BL, BK)
+        k_prev = _load_block(K, bh, r - 1, k0, T, L, DK, BL, BK)
         dq = tl.dot(ds_cur, k_cur) + tl.dot(ds_prev, k_prev)
-        tl.store(DQ + bh * T * DK + rows[:, None] * DK + kk[None, :], dq,
-                 mask=row_ok[:, None] & k_ok[None, :])
+        _store_block(DQ, dq, bh, r, k0, T, L, DK, BL, BK)
 
 
 @triton.jit
@@ -169,89 +205,55 @@ def _vq_bwd_cache_kernel(Q, CB, CNT, U, DO, DELTA, LSE, DQ, DU, T, R, H,
                          BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """dU, and the cache part of dq added to DQ (run after _vq_bwd_q_kernel); codes are
     taken BS at a time, so a large codebook does not need a large tile."""
-    r = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    h = bh % H
-    i = tl.arange(0, BL)
-    row_ok = i < L
-    rows = r * L + i
-    lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
+    r, bh, h = _program(H)
+    lse = _load_rows(LSE, bh, r, T, L, BL)
+    delta = _load_rows(DELTA, bh, r, T, L, BL)
     for s0 in range(0, S, BS):
-        s = s0 + tl.arange(0, BS)
         qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R, L, S, DK, BL, BS, BK)
         w_c = tl.where(ok_c, tl.exp(qc - lse[:, None]), 0.0)  # weight of U
         dw = tl.zeros([BL, BS], dtype=tl.float32)
         for v0 in range(0, DV, BV):
-            vv = v0 + tl.arange(0, BV)
-            v_ok = vv < DV
-            do = tl.load(DO + bh * T * DV + rows[:, None] * DV + vv[None, :],
-                         mask=row_ok[:, None] & v_ok[None, :], other=0.0)
-            u = tl.load(U + ((bh * R + r) * S + s[:, None]) * DV + vv[None, :],
-                        mask=(s[:, None] < S) & v_ok[None, :], other=0.0)
+            do = _load_block(DO, bh, r, v0, T, L, DV, BL, BV)
+            u = _load_codes(U + (bh * R + r) * S * DV, s0, v0, S, DV, BS, BV)
             dw += tl.dot(do, tl.trans(u))
-            tl.store(DU + ((bh * R + r) * S + s[:, None]) * DV + vv[None, :], tl.dot(tl.trans(w_c), do),
-                     mask=(s[:, None] < S) & v_ok[None, :])
+            du_ptrs, du_ok = _code_tile(DU + (bh * R + r) * S * DV, s0, v0, S, DV, BS, BV)
+            tl.store(du_ptrs, tl.dot(tl.trans(w_c), do), mask=du_ok)
         # logit gradient a (dO . U/N - delta) with softmax weight a = w N
         ds_c = w_c * (dw - tl.exp(logn)[None, :] * delta[:, None])
         for k0 in range(0, DK, BK):
-            kk = k0 + tl.arange(0, BK)
-            k_ok = kk < DK
-            c = tl.load(CB + h * S * DK + s[:, None] * DK + kk[None, :],
-                        mask=(s[:, None] < S) & k_ok[None, :], other=0.0)
-            ptrs = DQ + bh * T * DK + rows[:, None] * DK + kk[None, :]
-            mask = row_ok[:, None] & k_ok[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + tl.dot(ds_c, c), mask=mask)
+            c = _load_codes(CB + h * S * DK, s0, k0, S, DK, BS, BK)
+            dq_ptrs, dq_ok = _block_tile(DQ, bh, r, k0, T, L, DK, BL, BK)
+            tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_ok, other=0.0) + tl.dot(ds_c, c), mask=dq_ok)
 
 
 @triton.jit
 def _vq_bwd_kv_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DK_OUT, DV_OUT, T, R, H,
                       L: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    r = tl.program_id(0)  # key block
-    bh = tl.program_id(1).to(tl.int64)
-    i = tl.arange(0, BL)
-    j = tl.arange(0, BL)
-    key_rows = r * L + j
-    key_ok = j < L
+    r, bh, _ = _program(H)  # r: key block
     rn = tl.where(r + 1 < R, r + 1, -1)  # next query block, -1 when there is none
     # queries of block r and of block r+1 against the keys of block r
-    s_cur, ok_cur = _window_logits(Q, K, BIAS, bh, r, r, T, L, DK, BL, BK)
-    s_nxt, ok_nxt = _window_logits(Q, K, BIAS, bh, rn, r, T, L, DK, BL, BK)
-    lse_cur = tl.load(LSE + bh * T + r * L + i, mask=i < L, other=0.0)
-    lse_nxt = tl.load(LSE + bh * T + rn * L + i, mask=(i < L) & (rn * L + i >= 0), other=0.0)
-    dl_cur = tl.load(DELTA + bh * T + r * L + i, mask=i < L, other=0.0)
-    dl_nxt = tl.load(DELTA + bh * T + rn * L + i, mask=(i < L) & (rn * L + i >= 0), other=0.0)
-    p_cur = tl.where(ok_cur, tl.exp(s_cur - lse_cur[:, None]), 0.0)
-    p_nxt = tl.where(ok_nxt, tl.exp(s_nxt - lse_nxt[:, None]), 0.0)
+    p_cur = _window_probs(Q, K, BIAS, LSE, bh, r, r, T, L, DK, BL, BK)
+    p_nxt = _window_probs(Q, K, BIAS, LSE, bh, rn, r, T, L, DK, BL, BK)
+    dl_cur = _load_rows(DELTA, bh, r, T, L, BL)
+    dl_nxt = _load_rows(DELTA, bh, rn, T, L, BL)
     dp_cur = tl.zeros([BL, BL], dtype=tl.float32)
     dp_nxt = tl.zeros([BL, BL], dtype=tl.float32)
     for v0 in range(0, DV, BV):
-        vv = v0 + tl.arange(0, BV)
-        v_ok = vv < DV
-        v = tl.load(V + bh * T * DV + key_rows[:, None] * DV + vv[None, :],
-                    mask=key_ok[:, None] & v_ok[None, :], other=0.0)
-        do_cur = tl.load(DO + bh * T * DV + (r * L + i)[:, None] * DV + vv[None, :],
-                         mask=(i[:, None] < L) & v_ok[None, :], other=0.0)
-        do_nxt = tl.load(DO + bh * T * DV + (rn * L + i)[:, None] * DV + vv[None, :],
-                         mask=(i[:, None] < L) & ((rn * L + i)[:, None] >= 0) & v_ok[None, :], other=0.0)
+        v = _load_block(V, bh, r, v0, T, L, DV, BL, BV)
+        do_cur = _load_block(DO, bh, r, v0, T, L, DV, BL, BV)
+        do_nxt = _load_block(DO, bh, rn, v0, T, L, DV, BL, BV)
         dp_cur += tl.dot(do_cur, tl.trans(v))
         dp_nxt += tl.dot(do_nxt, tl.trans(v))
         dv = tl.dot(tl.trans(p_cur), do_cur) + tl.dot(tl.trans(p_nxt), do_nxt)
-        tl.store(DV_OUT + bh * T * DV + key_rows[:, None] * DV + vv[None, :], dv,
-                 mask=key_ok[:, None] & v_ok[None, :])
+        _store_block(DV_OUT, dv, bh, r, v0, T, L, DV, BL, BV)
     ds_cur = p_cur * (dp_cur - dl_cur[:, None])
     ds_nxt = p_nxt * (dp_nxt - dl_nxt[:, None])
     for k0 in range(0, DK, BK):
-        kk = k0 + tl.arange(0, BK)
-        k_ok = kk < DK
-        q_cur = tl.load(Q + bh * T * DK + (r * L + i)[:, None] * DK + kk[None, :],
-                        mask=(i[:, None] < L) & k_ok[None, :], other=0.0)
-        q_nxt = tl.load(Q + bh * T * DK + (rn * L + i)[:, None] * DK + kk[None, :],
-                        mask=(i[:, None] < L) & ((rn * L + i)[:, None] >= 0) & k_ok[None, :], other=0.0)
+        q_cur = _load_block(Q, bh, r, k0, T, L, DK, BL, BK)
+        q_nxt = _load_block(Q, bh, rn, k0, T, L, DK, BL, BK)
         dk = tl.dot(tl.trans(ds_cur), q_cur) + tl.dot(tl.trans(ds_nxt), q_nxt)
-        tl.store(DK_OUT + bh * T * DK + key_rows[:, None] * DK + kk[None, :], dk,
-                 mask=key_ok[:, None] & k_ok[None, :])
+        _store_block(DK_OUT, dk, bh, r, k0, T, L, DK, BL, BK)
 
 
 NUM_WARPS = 8
