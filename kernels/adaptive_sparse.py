@@ -23,16 +23,72 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile(blk, base, T, BLOCK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Token positions of block blk, which of them are < T, and the element offsets and mask of
+    their (BLOCK, BLOCK_D) tile in a (T, D) head starting at element base."""
+    pos = blk * BLOCK + tl.arange(0, BLOCK)
+    dims = tl.arange(0, BLOCK_D)
+    pos_ok = pos < T
+    off = base + pos[:, None] * D + dims[None, :]
+    mask = pos_ok[:, None] & (dims < D)[None, :]
+    return pos, pos_ok, off, mask
+
+
+@triton.jit
+def _load_kv(K, V, kb, base, T, BLOCK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Key block kb: its tile (_tile) and its k and v (0 outside the mask)."""
+    keys, key_ok, kv_off, kv_mask = _tile(kb, base, T, BLOCK, D, BLOCK_D)
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    return keys, key_ok, kv_off, kv_mask, k, v
+
+
+@triton.jit
+def _load_q_bwd(Q, DO, LSE, DELTA, qb, bh, base, T, BLOCK: tl.constexpr, D: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Query block qb for the backward: its tile (_tile), q and do (0 outside the mask), and the
+    rows' lse and delta (0 past T)."""
+    rows, row_ok, q_off, q_mask = _tile(qb, base, T, BLOCK, D, BLOCK_D)
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+    do = tl.load(DO + q_off, mask=q_mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+    return rows, row_ok, q_off, q_mask, q, do, lse, delta
+
+
+@triton.jit
+def _logits(q, k, bias, scale, rows, keys, key_ok, qb, kb):
+    """Logits s = q k^T * scale + bias of query block qb against key block kb, and the mask of
+    the keys each row may attend to (not padding rows: callers add row_ok where needed)."""
+    s = tl.dot(q, tl.trans(k)) * scale + bias
+    # causal mask: only bites inside the diagonal block (kb == qb)
+    ok = key_ok[None, :] & ((keys[None, :] <= rows[:, None]) | (kb < qb))
+    return s, ok
+
+
+@triton.jit
+def _bwd_p(q, k, lse, bias, scale, rows, row_ok, keys, key_ok, qb, kb):
+    """Recomputed P = exp(s - lse) of one (query block, key block) tile, 0 where masked and on
+    padding rows."""
+    s, ok = _logits(q, k, bias, scale, rows, keys, key_ok, qb, kb)
+    return tl.where(row_ok[:, None] & ok, tl.exp(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _bwd_ds(p, do, v, delta):
+    """dS = P (dP - delta) with dP = dO V^T."""
+    dp = tl.dot(do, tl.trans(v))
+    return p * (dp - delta[:, None])
+
+
+@triton.jit
 def _as_fwd_kernel(Q, K, V, IDX, BIAS, O, LSE, T, NQ, NSLOT, scale,
                    BLOCK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     base = bh.to(tl.int64) * T * D
-    rows = qb * BLOCK + tl.arange(0, BLOCK)
-    dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < T
-    dim_ok = dims < D
-    q = tl.load(Q + base + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    rows, row_ok, q_off, q_mask = _tile(qb, base, T, BLOCK, D, BLOCK_D)
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
     m = tl.full([BLOCK], float("-inf"), tl.float32)  # running row max
     l = tl.zeros([BLOCK], tl.float32)  # running row sum of exp
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
@@ -41,14 +97,8 @@ def _as_fwd_kernel(Q, K, V, IDX, BIAS, O, LSE, T, NQ, NSLOT, scale,
         kb = tl.load(IDX + lst + slot)
         if kb >= 0:
             bias = tl.load(BIAS + lst + slot)
-            keys = kb * BLOCK + tl.arange(0, BLOCK)
-            key_ok = keys < T
-            kv_off = base + keys[:, None] * D + dims[None, :]
-            k = tl.load(K + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-            v = tl.load(V + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale + bias
-            # causal mask: only bites inside the diagonal block (kb == qb)
-            ok = key_ok[None, :] & ((keys[None, :] <= rows[:, None]) | (kb < qb))
+            keys, key_ok, _, _, k, v = _load_kv(K, V, kb, base, T, BLOCK, D, BLOCK_D)
+            s, ok = _logits(q, k, bias, scale, rows, keys, key_ok, qb, kb)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
@@ -59,8 +109,7 @@ def _as_fwd_kernel(Q, K, V, IDX, BIAS, O, LSE, T, NQ, NSLOT, scale,
             m = m_new
     l_ref = tl.where(l > 0, l, 1.0)
     o = acc / l_ref[:, None]
-    tl.store(O + base + rows[:, None] * D + dims[None, :], o.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(O + q_off, o.to(O.dtype.element_ty), mask=q_mask)
     tl.store(LSE + bh.to(tl.int64) * T + rows, tl.where(l > 0, m + tl.log(l_ref), 0.0), mask=row_ok)
 
 
@@ -70,32 +119,17 @@ def _as_bwd_q_kernel(Q, K, V, IDX, BIAS, DO, DELTA, LSE, DQ, DBIAS, T, NQ, NSLOT
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     base = bh.to(tl.int64) * T * D
-    rows = qb * BLOCK + tl.arange(0, BLOCK)
-    dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < T
-    dim_ok = dims < D
-    q_off = base + rows[:, None] * D + dims[None, :]
-    q_mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-    do = tl.load(DO + q_off, mask=q_mask, other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+    rows, row_ok, q_off, q_mask, q, do, lse, delta = _load_q_bwd(Q, DO, LSE, DELTA, qb, bh, base, T,
+                                                                 BLOCK, D, BLOCK_D)
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     lst = (bh * NQ + qb) * NSLOT
     for slot in range(NSLOT):
         kb = tl.load(IDX + lst + slot)
         if kb >= 0:
             bias = tl.load(BIAS + lst + slot)
-            keys = kb * BLOCK + tl.arange(0, BLOCK)
-            key_ok = keys < T
-            kv_off = base + keys[:, None] * D + dims[None, :]
-            k = tl.load(K + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-            v = tl.load(V + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale + bias
-            ok = row_ok[:, None] & key_ok[None, :] & ((keys[None, :] <= rows[:, None]) | (kb < qb))
-            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
+            keys, key_ok, _, _, k, v = _load_kv(K, V, kb, base, T, BLOCK, D, BLOCK_D)
+            p = _bwd_p(q, k, lse, bias, scale, rows, row_ok, keys, key_ok, qb, kb)
+            ds = _bwd_ds(p, do, v, delta)
             dq += tl.dot(ds.to(k.dtype), k)
             tl.store(DBIAS + lst + slot, tl.sum(tl.sum(ds, 1), 0))
         else:
@@ -109,14 +143,7 @@ def _as_bwd_kv_kernel(Q, K, V, BIAS, DO, DELTA, LSE, REV, OFFS, DK, DV, T, NQ, N
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     base = bh.to(tl.int64) * T * D
-    keys = kb * BLOCK + tl.arange(0, BLOCK)
-    dims = tl.arange(0, BLOCK_D)
-    key_ok = keys < T
-    dim_ok = dims < D
-    kv_off = base + keys[:, None] * D + dims[None, :]
-    kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    keys, key_ok, kv_off, kv_mask, k, v = _load_kv(K, V, kb, base, T, BLOCK, D, BLOCK_D)
     dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     lists = bh * NQ * NSLOT  # this head's (query block, slot) entries
@@ -126,20 +153,11 @@ def _as_bwd_kv_kernel(Q, K, V, BIAS, DO, DELTA, LSE, REV, OFFS, DK, DV, T, NQ, N
         entry = tl.load(REV + lists + e)  # = query block * NSLOT + slot
         qb = entry // NSLOT
         bias = tl.load(BIAS + lists + entry)
-        rows = qb * BLOCK + tl.arange(0, BLOCK)
-        row_ok = rows < T
-        q_off = base + rows[:, None] * D + dims[None, :]
-        q_mask = row_ok[:, None] & dim_ok[None, :]
-        q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-        do = tl.load(DO + q_off, mask=q_mask, other=0.0)
-        lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale + bias
-        ok = row_ok[:, None] & key_ok[None, :] & ((keys[None, :] <= rows[:, None]) | (kb < qb))
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
+        rows, row_ok, _, _, q, do, lse, delta = _load_q_bwd(Q, DO, LSE, DELTA, qb, bh, base, T,
+                                                            BLOCK, D, BLOCK_D)
+        p = _bwd_p(q, k, lse, bias, scale, rows, row_ok, keys, key_ok, qb, kb)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do)  # before dP: fewer registers (sm_80, BLOCK 32)
+        ds = _bwd_ds(p, do, v, delta)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q)
     tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
