@@ -32,17 +32,24 @@ BLOCK_T, BLOCK_C = 32, 32  # tile: tokens x channels (8 elements a thread at 4 w
 
 
 @triton.jit
-def _gf_fwd_kernel(X, Y, WON, T, C, stride_b, stride_t, span,
-                   FN: tl.constexpr, AVG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gf_tile(T, C, stride_b, span, BLOCK_C: tl.constexpr):
+    """This program's tile: its sequence's base offset (64-bit, so offsets inside it can be
+    32-bit), its channels c with their mask, and its span [t_start, t_end) of T."""
     n_cblocks = tl.cdiv(C, BLOCK_C)
-    b = tl.program_id(0) // n_cblocks
+    base = (tl.program_id(0) // n_cblocks).to(tl.int64) * stride_b
     c = (tl.program_id(0) % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
     t_start = tl.program_id(1) * span
     t_end = tl.minimum(t_start + span, T)
-    X += b.to(tl.int64) * stride_b  # 64-bit only for the sequence's base; offsets inside it are 32-bit
-    Y += b.to(tl.int64) * stride_b
-    WON += b.to(tl.int64) * stride_b
+    return base, c, c < C, t_start, t_end
+
+
+@triton.jit
+def _gf_fwd_kernel(X, Y, WON, T, C, stride_b, stride_t, span,
+                   FN: tl.constexpr, AVG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    base, c, c_ok, t_start, t_end = _gf_tile(T, C, stride_b, span, BLOCK_C)
+    X += base
+    Y += base
+    WON += base
     run = tl.zeros([BLOCK_C], dtype=tl.float32)  # sum of x over the chunks already done
     for t0 in range(t_start, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
@@ -81,16 +88,11 @@ def _gf_fwd_kernel(X, Y, WON, T, C, stride_b, stride_t, span,
 @triton.jit
 def _gf_bwd_kernel(DY, WON, DX, T, C, stride_b, stride_t, span,
                    FN: tl.constexpr, AVG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    n_cblocks = tl.cdiv(C, BLOCK_C)
-    b = tl.program_id(0) // n_cblocks
-    c = (tl.program_id(0) % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    t_start = tl.program_id(1) * span
-    t_end = tl.minimum(t_start + span, T)
+    base, c, c_ok, t_start, t_end = _gf_tile(T, C, stride_b, span, BLOCK_C)
     n_chunks = tl.cdiv(t_end - t_start, BLOCK_T)
-    DY += b.to(tl.int64) * stride_b
-    WON += b.to(tl.int64) * stride_b
-    DX += b.to(tl.int64) * stride_b
+    DY += base
+    WON += base
+    DX += base
     run = tl.zeros([BLOCK_C], dtype=tl.float32)  # sum over later chunks of dy_s [m_s won] / (s + 1)
     for i in range(n_chunks):  # right to left: the running mean sends gradient backwards in time
         t = t_start + (n_chunks - 1 - i) * BLOCK_T + tl.arange(0, BLOCK_T)
