@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import configurator
+import ngram
 from model import ATTENTION, GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -28,7 +29,8 @@ from model import ATTENTION, GPT, GPTConfig
 out_dir = "out"
 eval_interval = 250
 log_interval = 10
-eval_iters = 20
+eval_tokens = 131072  # fixed evaluation set: the first eval_tokens tokens of each split in block_size windows (0: all)
+eval_batch_size = 64  # windows per forward pass during evaluation
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = False  # otherwise save only when val loss improves
 init_from = "scratch"  # 'scratch' or 'resume'
@@ -41,6 +43,7 @@ gradient_accumulation_steps = 1
 batch_size = 12
 learning_rate = 1e-3
 max_iters = 2000
+max_seconds = 0.0  # > 0: also stop after this much training time (evaluation excluded); the lr decays over it
 weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.99
@@ -78,15 +81,19 @@ def pick_device(name):
     return "cpu"
 
 
-def lr_at(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
+def lr_at(it, cfg, progress=None):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters. With a time budget,
+    progress (train seconds / max_seconds) replaces the iteration count after warmup."""
     if not cfg["decay_lr"]:
         return cfg["learning_rate"]
     if it < cfg["warmup_iters"]:
         return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
-    if it > cfg["lr_decay_iters"]:
+    if progress is not None:
+        ratio = min(1.0, progress)
+    elif it > cfg["lr_decay_iters"]:
         return cfg["min_lr"]
-    ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
+    else:
+        ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
     return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
 
 
@@ -199,13 +206,14 @@ def main(argv):
     model_keys = set(asdict(GPTConfig()))
     model_args = {k: cfg[k] for k in model_keys}
     model_args["vocab_size"] = cfg["vocab_size"] or meta["vocab_size"]
-    iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+    iter_num, best_val_loss, checkpoint, checkpoint_seconds = 0, float("inf"), None, 0.0
     if cfg["init_from"] == "resume":
         if not os.path.exists(ckpt_path):
             configurator.fail(f"init_from=resume but no checkpoint at {ckpt_path}")
         checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
         model_args = dict(checkpoint["model_args"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        checkpoint_seconds = float(checkpoint.get("train_seconds", 0.0))
         say(f"resuming from {ckpt_path} at iteration {iter_num}")
     torch.manual_seed(cfg["seed"] + rank)
     model = GPT(GPTConfig(**model_args)).to(device)
@@ -234,22 +242,36 @@ def main(argv):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
+    eval_starts = {s: ngram.fixed_windows(len(d), T, cfg["eval_tokens"]) for s, d in data.items()}
+
     @torch.no_grad()
     def evaluate():
-        """Mean loss over eval_iters fixed batches per split (the same batches at every
-        evaluation), sharded over ranks. Also the block diagnostics of the last val batch."""
+        """Cross-entropy over the fixed windows of each split (ngram.fixed_windows: the same tokens
+        for every batch size, seed and evaluation), sharded over ranks: the mean over windows and its
+        standard error. Auxiliary losses are not included. Diagnostics are from the last val batch."""
         raw_model.eval()
         out = {}
-        for split_id, split in enumerate(("train", "val")):
-            total = torch.zeros(2, device=device)
-            for k in range(rank, cfg["eval_iters"], world):
-                x, y = get_batch(split, np.random.default_rng([cfg["seed"], 10_000 + split_id, k]))
+        for split in ("train", "val"):
+            starts, d = eval_starts[split], data[split]
+            total = torch.zeros(3, dtype=torch.float64, device=device)  # sum, sum of squares, count
+            mine = starts[rank::world]
+            for a in range(0, len(mine), cfg["eval_batch_size"]):
+                s = mine[a:a + cfg["eval_batch_size"]]
+                x = torch.from_numpy(np.stack([d[i:i + T] for i in s]).astype(np.int64)).to(device)
+                y = torch.from_numpy(np.stack([d[i + 1:i + 1 + T] for i in s]).astype(np.int64)).to(device)
                 with ctx:
-                    _, loss = raw_model(x, y)
-                total += torch.stack([loss.float(), torch.ones((), device=device)])
+                    logits, _ = raw_model(x, y)
+                nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+                w = nll.view(len(s), T).mean(1).double()
+                total += torch.stack([w.sum(), (w * w).sum(), torch.tensor(float(len(s)), device=device,
+                                                                           dtype=torch.float64)])
             if ddp:
                 dist.all_reduce(total)
-            out[f"{split}/loss"] = (total[0] / total[1]).item()
+            n = total[2].item()
+            mean = total[0].item() / n
+            var = max(0.0, (total[1].item() - n * mean * mean) / max(1.0, n - 1))
+            out[f"{split}/loss"], out[f"{split}/loss_se"] = mean, math.sqrt(var / n)
+        out["eval_windows"] = len(eval_starts["val"])
         out.update(raw_model.extra_metrics())
         raw_model.train()
         return out
@@ -270,13 +292,18 @@ def main(argv):
             os.remove(metrics_path)  # a fresh run starts a fresh log
     train_aux = None
     step_ms = []  # training-step times since the last evaluation (evaluation excluded)
+    train_seconds = checkpoint_seconds  # training time so far, evaluation excluded
+    t_start = time.time()
     model.train()
     while True:
-        lr = lr_at(iter_num, cfg)
+        timed = cfg["max_seconds"] > 0
+        lr = lr_at(iter_num, cfg, train_seconds / cfg["max_seconds"] if timed else None)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"] or cfg["eval_only"]:
-            row = {"iter": iter_num, **evaluate(), "lr": lr}
+        done = iter_num >= cfg["max_iters"] or (timed and train_seconds >= cfg["max_seconds"]) or cfg["eval_only"]
+        if iter_num % cfg["eval_interval"] == 0 or done:
+            row = {"iter": iter_num, **evaluate(), "lr": lr, "tokens": iter_num * tokens_per_iter,
+                   "train_seconds": train_seconds, "wall_seconds": time.time() - t_start}
             if train_aux is not None:  # auxiliary loss (e.g. VQ commitment) of the last training step
                 row["train/aux_loss"] = train_aux.item()
             ms = float(np.median(step_ms)) if step_ms else None
@@ -303,12 +330,13 @@ def main(argv):
                     if iter_num > 0 and not cfg["eval_only"]:
                         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss,
+                                     "train_seconds": train_seconds,
                                      "config": cfg, "meta": meta,
                                      "rng": {"torch": torch.get_rng_state(),
                                              "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}},
                                     ckpt_path)
                         say(f"saved checkpoint to {ckpt_path}")
-        if iter_num >= cfg["max_iters"] or cfg["eval_only"]:
+        if done:
             break
 
         t0 = time.perf_counter()
@@ -333,6 +361,7 @@ def main(argv):
         if device_type == "cuda":
             torch.cuda.synchronize()
         step_ms.append((time.perf_counter() - t0) * 1000)
+        train_seconds += step_ms[-1] / 1000
         if iter_num % cfg["log_interval"] == 0:
             say(f"iter {iter_num}: loss {loss.item() * grad_accum:.4f}, {step_ms[-1]:.1f} ms, lr {lr:.2e}")
         iter_num += 1

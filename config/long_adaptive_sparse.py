@@ -2,7 +2,7 @@
 dataset = 'shakespeare_char'
 out_dir = 'out-long-adaptive-sparse'
 attention = 'adaptive-sparse'
-eval_interval = 250; eval_iters = 20; log_interval = 10
+eval_interval = 250; log_interval = 10
 always_save_checkpoint = False
 learning_rate = 1e-3; min_lr = 1e-4; beta2 = 0.99; warmup_iters = 100
 as_threshold = 0.9
@@ -14,5 +14,5 @@ scales = {
                 lr_decay_iters=2000, dropout=0.0, as_block=16, as_k_max=4),
     # T=4096 in 128 blocks of 32: at most 10 blocks (320 keys) per query plus the pooled correction
     'gpu': dict(n_layer=6, n_head=6, n_embd=384, block_size=4096, batch_size=8, max_iters=5000,
-                lr_decay_iters=5000, dropout=0.2, eval_iters=50, as_block=32, as_k_max=8),
+                lr_decay_iters=5000, dropout=0.2, as_block=32, as_k_max=8),
 }

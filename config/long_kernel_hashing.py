@@ -4,7 +4,6 @@ dataset = 'shakespeare_char'
 out_dir = 'out-long-kernel-hashing'
 attention = 'kernel-hashing'
 eval_interval = 250
-eval_iters = 20
 log_interval = 10
 always_save_checkpoint = False
 learning_rate = 1e-3
@@ -19,6 +18,6 @@ scales = {
                 kh_min_seq_len=64, kh_bucket_block=32, kh_samples=32),
     # T=8192: exact chunks of 256, then 5 levels (256 ... 4096 keys): block 64 + 64 samples
     'gpu': dict(n_layer=6, n_head=6, n_embd=384, block_size=8192, batch_size=4, gradient_accumulation_steps=4,
-                max_iters=5000, lr_decay_iters=5000, dropout=0.1, eval_iters=50,
+                max_iters=5000, lr_decay_iters=5000, dropout=0.1,
                 kh_min_seq_len=256, kh_bucket_block=64, kh_samples=64),
 }

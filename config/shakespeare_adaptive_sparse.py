@@ -2,7 +2,7 @@
 dataset = 'shakespeare_char'
 out_dir = 'out-shakespeare-adaptive-sparse'
 attention = 'adaptive-sparse'
-eval_interval = 250; eval_iters = 20; log_interval = 10
+eval_interval = 250; log_interval = 10
 always_save_checkpoint = False
 learning_rate = 1e-3; min_lr = 1e-4; beta2 = 0.99; warmup_iters = 100
 as_threshold = 0.9  # keep the best-scored past blocks until their score mass reaches 0.9 ...
@@ -15,5 +15,5 @@ scales = {
                 lr_decay_iters=2000, dropout=0.0, as_block=8, as_k_max=2),
     # T=256 in 16 blocks of 16 (Triton kernel on CUDA): at most 4 + 2 of up to 16 blocks
     'gpu': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=5000,
-                lr_decay_iters=5000, dropout=0.2, eval_iters=200, as_block=16, as_k_max=4),
+                lr_decay_iters=5000, dropout=0.2, as_block=16, as_k_max=4),
 }

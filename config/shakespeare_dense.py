@@ -3,7 +3,6 @@ dataset = 'shakespeare_char'
 out_dir = 'out-shakespeare-dense'
 attention = 'dense'
 eval_interval = 250  # frequent: a small model on a small corpus overfits
-eval_iters = 20
 log_interval = 10
 always_save_checkpoint = False  # keep the best val checkpoint
 learning_rate = 1e-3  # small networks can take a larger rate
@@ -16,5 +15,5 @@ scales = {
                 max_iters=2000, lr_decay_iters=2000, dropout=0.0),
     # nanoGPT's shakespeare_char baseline on one GPU
     'gpu': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
-                max_iters=5000, lr_decay_iters=5000, dropout=0.2, eval_iters=200),
+                max_iters=5000, lr_decay_iters=5000, dropout=0.2),
 }

@@ -2,7 +2,7 @@
 dataset = 'shakespeare_char'
 out_dir = 'out-shakespeare-generative'
 attention = 'generative-function'
-eval_interval = 250; eval_iters = 20; log_interval = 10
+eval_interval = 250; log_interval = 10
 always_save_checkpoint = False  # keep the best val checkpoint
 learning_rate = 1e-3; min_lr = 1e-4; beta2 = 0.99; warmup_iters = 100
 gf_fn = 'min'  # the paper's function; 'max' and 'mean' are the alternatives
@@ -14,5 +14,5 @@ scales = {
     'cpu': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, lr_decay_iters=2000,
                 dropout=0.0),
     'gpu': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=5000, lr_decay_iters=5000,
-                dropout=0.2, eval_iters=200),
+                dropout=0.2),
 }

@@ -3,7 +3,6 @@ dataset = 'shakespeare_char'
 out_dir = 'out-shakespeare-kernel-hashing'
 attention = 'kernel-hashing'
 eval_interval = 250
-eval_iters = 20
 log_interval = 10
 always_save_checkpoint = False  # keep the best val checkpoint
 learning_rate = 1e-3
@@ -19,6 +18,6 @@ scales = {
                 kh_min_seq_len=16, kh_bucket_block=8, kh_samples=8),
     # T=256: exact chunks of 64; rectangles of 64 and 128 keys: a block of 32 plus 32 samples
     'gpu': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
-                max_iters=5000, lr_decay_iters=5000, dropout=0.2, eval_iters=200,
+                max_iters=5000, lr_decay_iters=5000, dropout=0.2,
                 kh_min_seq_len=64, kh_bucket_block=32, kh_samples=32),
 }

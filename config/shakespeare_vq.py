@@ -2,7 +2,7 @@
 dataset = 'shakespeare_char'
 out_dir = 'out-shakespeare-vq'
 attention = 'vq'
-eval_interval = 250; eval_iters = 20; log_interval = 10
+eval_interval = 250; log_interval = 10
 always_save_checkpoint = False
 learning_rate = 1e-3; min_lr = 1e-4; beta2 = 0.99; warmup_iters = 100
 # the paper's single-head unit (d_k 128, beta 1e-4, EMA decay 0.99). With the GPT's MLP kept, d_v = n_embd
@@ -14,6 +14,6 @@ scales = {
     'cpu': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, lr_decay_iters=2000, dropout=0.0,
                 vq_block_len=16, vq_codebook_size=64),
     # T=256, L=32: eight blocks, six of which read the cache
-    'gpu': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=5000, lr_decay_iters=5000, dropout=0.2, eval_iters=200,
+    'gpu': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=5000, lr_decay_iters=5000, dropout=0.2,
                 vq_block_len=32, vq_codebook_size=128),
 }

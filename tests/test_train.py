@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, run
 
 TINY = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
-        "--eval_iters=4", "--log_interval=10", "--warmup_iters=5", "--learning_rate=3e-3", "--min_lr=3e-4",
+        "--eval_tokens=2048", "--log_interval=10", "--warmup_iters=5", "--learning_rate=3e-3", "--min_lr=3e-4",
         "--device=cpu"]
 KEYS = {"iter", "train/loss", "val/loss", "lr", "ms_per_iter", "tokens_per_sec", "peak_mem_cpu_rss_mib", "mfu",
         "data_source"}
@@ -69,6 +69,27 @@ def test_resume_is_exact(workdir):
     a = torch.load(workdir / "o_full" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(workdir / "o_half" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluation_windows_are_the_same_for_every_batch_size_and_seed(workdir):
+    train(workdir, "o_eval", "--max_iters=10", "--eval_interval=10", "--lr_decay_iters=10")
+    got = []
+    for b, seed in ((8, 1337), (3, 7), (5, 99)):
+        train(workdir, "o_eval", "--max_iters=10", "--init_from=resume", "--eval_only=True", f"--batch_size={b}",
+              f"--seed={seed}")
+        got.append(rows(workdir, "o_eval")[-1])
+    assert len({(g["val/loss"], g["train/loss"], g["eval_windows"]) for g in got}) == 1
+    assert got[0]["eval_windows"] == 2048 // 32 and 0 < got[0]["val/loss_se"] < 0.1
+
+
+def test_time_budget_stops_where_it_says(workdir):
+    train(workdir, "o_time", "--max_iters=100000", "--max_seconds=3", "--eval_interval=100000", "--lr_decay_iters=100000")
+    log = rows(workdir, "o_time")
+    last = log[-1]
+    step = last["ms_per_iter"] / 1000
+    assert 3 <= last["train_seconds"] < 3 + 10 * step and last["iter"] < 100000
+    assert last["tokens"] == last["iter"] * 8 * 32
+    assert last["lr"] == pytest.approx(3e-4, rel=0.05)  # the cosine ran out with the time (by iterations it would barely have begun)
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
