@@ -61,7 +61,7 @@ CONFIG_FILE = {"dense": "shakespeare_dense", "vq": "shakespeare_vq", "kernel-has
 OVERFIT_DATA = dict(dataset="shakespeare_char", name="shakespeare_char_1115k", max_chars=1_115_394)
 OVERFIT_SCALES = {
     "cpu": dict(dataset=OVERFIT_DATA["name"], n_layer=4, n_head=4, n_embd=128, block_size=64, max_iters=600,
-                lr_decay_iters=600, warmup_iters=30, eval_interval=50, dropout=0.2),
+                lr_decay_iters=600, warmup_iters=30, eval_interval=50, dropout=0.2, eval_tokens=65536),
     "gpu": dict(dataset="shakespeare_char", n_layer=6, n_head=6, n_embd=384, block_size=256, max_iters=5000,
                 lr_decay_iters=5000, warmup_iters=100, eval_interval=250, dropout=0.2),  # the paper's nanoGPT setting
 }
@@ -79,7 +79,7 @@ def runs_for(o):
         return [(n, f"config/{CONFIG_FILE[n]}.py", dict(scale)) for n in names]
     if o["preset"] == "batch_overfit":
         base = {**scale, **OVERFIT_SCALES[o["scale"]]}
-        n = base["max_iters"]
+        n = int(o["max_iters"] or o["budget_value"] or base["max_iters"])  # N: batch 64's iterations
         models = [("dense", "config/shakespeare_dense.py", {}),
                   ("generative", "config/shakespeare_generative.py", {}),
                   ("generative+avg", "config/shakespeare_generative.py", {"gf_avg_context": True})]
@@ -118,6 +118,10 @@ def apply_budget(arms, o):
         raise configurator.ConfigError("budget_value must be >= 0 and seeds >= 1")
     if o["budget"] == "seconds" and not o["budget_value"]:
         raise configurator.ConfigError("--budget=seconds needs --budget_value=SECONDS")
+    if o["preset"] == "batch_overfit":  # its arms fix their own iterations (N, N, 4N)
+        if o["budget"] != "iters":
+            raise configurator.ConfigError("preset batch_overfit holds its own budget; use --max_iters=N to change N")
+        return [(n, c, f, resolved(c, f, o)) for n, c, f in arms]
     out, first_tokens = [], None
     for name, config_file, flags in arms:
         cfg = resolved(config_file, flags, o)
