@@ -43,6 +43,7 @@ DEFAULTS = dict(
     attentions="all",  # for preset=blocks: comma-separated names, or all
     scale="cpu",  # which scale of each config file (cpu or gpu)
     seeds=1,  # runs per arm (seed 1337, 1338, ...)
+    first_seed=0,  # run only seeds first_seed..seeds-1 (to spread one comparison over several processes)
     budget="iters",  # iters, tokens or seconds: what is held equal across arms
     budget_value=0.0,  # iterations, tokens or seconds; 0: each config's own max_iters (iters), the first arm's tokens (tokens)
     max_iters=0,  # shorthand for --budget=iters --budget_value=N
@@ -114,8 +115,8 @@ def apply_budget(arms, o):
         o = {**o, "budget": "iters", "budget_value": float(o["max_iters"])}
     if o["budget"] not in ("iters", "tokens", "seconds"):
         raise configurator.ConfigError(f"unknown budget {o['budget']!r}; valid: iters, tokens, seconds")
-    if o["budget_value"] < 0 or o["seeds"] < 1:
-        raise configurator.ConfigError("budget_value must be >= 0 and seeds >= 1")
+    if o["budget_value"] < 0 or o["seeds"] < 1 or not 0 <= o["first_seed"] < o["seeds"]:
+        raise configurator.ConfigError("budget_value must be >= 0, seeds >= 1 and 0 <= first_seed < seeds")
     if o["budget"] == "seconds" and not o["budget_value"]:
         raise configurator.ConfigError("--budget=seconds needs --budget_value=SECONDS")
     if o["preset"] == "batch_overfit":  # its arms fix their own iterations (N, N, 4N)
@@ -346,7 +347,7 @@ def main(argv):
     t0 = time.time()
     logs = {}
     try:
-        for seed in range(o["seeds"]):
+        for seed in range(o["first_seed"], o["seeds"]):
             for name, cfg_file, flags, cfg in arms:
                 flags = {**flags, "seed": cfg["seed"] + seed}
                 logs.setdefault(name, []).append(run_one(f"{name}-s{seed}", cfg_file, flags, {**cfg, "seed": cfg["seed"] + seed},
@@ -357,7 +358,7 @@ def main(argv):
     if o["floor"]:
         c = arms[0][3]
         floor = ngram.floor(os.path.join("data", c["dataset"]), c["block_size"], c["eval_tokens"])
-    runs = {name: [summarize(f"{name}-s{i}", log) for i, log in enumerate(ls)] for name, ls in logs.items()}
+    runs = {name: [summarize(f"{name}-s{o['first_seed'] + i}", log) for i, log in enumerate(ls)] for name, ls in logs.items()}
     if o["preset"] == "batch_overfit":  # val loss at the train loss every arm of a model reaches
         for m in dict.fromkeys(n.rsplit("-", 1)[0] for n in runs):
             mine = {n: logs[n] for n in logs if n.rsplit("-", 1)[0] == m}
