@@ -44,7 +44,7 @@ def rows(workdir, out):
 
 def test_short_run_learns_logs_every_key_and_samples(workdir):
     r = train(workdir, "o_learn", "--max_iters=80", "--eval_interval=40", "--lr_decay_iters=80")
-    assert re.search(r"^iter 10/80: loss [0-9.]+, .*, eta \d+s$", r.stdout, re.M), r.stdout[-1000:]
+    assert re.search(r"^iter 10/80: loss [0-9.]+, .*, eta (\d+m)?\d+s$", r.stdout, re.M), r.stdout[-1000:]
     assert re.search(r"^iter 40/80: train loss", r.stdout, re.M)
     log = rows(workdir, "o_learn")
     assert [r["iter"] for r in log] == [0, 40, 80]
@@ -148,7 +148,7 @@ def test_global_batch_split_over_ranks():
 
 def test_ddp_global_batch_that_cannot_be_split_is_an_error(workdir):
     r = run(torchrun(*TINY, "--out_dir=o_ddp_bad", "--batch_size=3", "--max_iters=2"), cwd=workdir)
-    assert r.returncode != 0 and "Traceback" not in r.stderr.split("torch.distributed")[0]
+    assert r.returncode != 0 and 'train.py", line' not in r.stderr  # torchrun's own traceback follows; none of ours
     assert r.stderr.count("error: cannot split the global batch (batch_size 3 x gradient_accumulation_steps 1) "
                           "over 2 processes") == 1, r.stderr[-2000:]
 
