@@ -346,12 +346,19 @@ def main(argv):
     group = f"{o['preset']}-{o['scale']}-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.time()
     logs = {}
+    total, trained = (o["seeds"] - o["first_seed"]) * len(arms), []  # trained: seconds of each run that trained (not reused)
     try:
         for seed in range(o["first_seed"], o["seeds"]):
-            for name, cfg_file, flags, cfg in arms:
+            for a, (name, cfg_file, flags, cfg) in enumerate(arms):
+                k = (seed - o["first_seed"]) * len(arms) + a + 1
+                eta = f", eta {(total - k + 1) * sum(trained) / len(trained) / 60:.1f} min" if trained else ""
+                print(f"[run {k}/{total}] {name}-s{seed}{eta}", flush=True)
+                t_run = time.time()
                 flags = {**flags, "seed": cfg["seed"] + seed}
                 logs.setdefault(name, []).append(run_one(f"{name}-s{seed}", cfg_file, flags, {**cfg, "seed": cfg["seed"] + seed},
                                                          o, os.path.join(out, f"{name}-s{seed}"), group))
+                if time.time() - t_run > 1:  # a reused run takes no time and says nothing of the rest
+                    trained.append(time.time() - t_run)
     except RuntimeError as e:
         configurator.fail(str(e))
     floor = None

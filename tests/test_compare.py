@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import statistics
 
 import pytest
@@ -26,6 +27,7 @@ def test_compare_trains_seeds_tabulates_and_reuses(workdir):
     args = ["-m", "compare", "--attentions=dense", "--max_iters=20", "--seeds=2", "--out=cmp", f"--extra={TINY}"]
     r = run(args, cwd=workdir)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "[run 1/2] dense-s0\n" in r.stdout and re.search(r"^\[run 2/2\] dense-s1, eta [0-9.]+ min$", r.stdout, re.M)
     logs = [[json.loads(line) for line in open(workdir / "cmp" / f"dense-s{i}" / "metrics.jsonl")] for i in (0, 1)]
     assert logs[0][-1]["val/loss"] != logs[1][-1]["val/loss"]  # the seeds differ
     row = next(csv.DictReader(open(workdir / "cmp" / "results.csv")))

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -42,7 +43,9 @@ def rows(workdir, out):
 
 
 def test_short_run_learns_logs_every_key_and_samples(workdir):
-    train(workdir, "o_learn", "--max_iters=80", "--eval_interval=40", "--lr_decay_iters=80")
+    r = train(workdir, "o_learn", "--max_iters=80", "--eval_interval=40", "--lr_decay_iters=80")
+    assert re.search(r"^iter 10/80: loss [0-9.]+, .*, eta (\d+m)?\d+s$", r.stdout, re.M), r.stdout[-1000:]
+    assert re.search(r"^iter 40/80: train loss", r.stdout, re.M)
     log = rows(workdir, "o_learn")
     assert [r["iter"] for r in log] == [0, 40, 80]
     assert all(KEYS <= set(r) for r in log)
@@ -121,38 +124,66 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(workdir):
     assert ck["iter_num"] >= 2
 
 
-def test_ddp_two_cpu_processes(workdir):
-    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train", *TINY,
-             "--out_dir=o_ddp", "--max_iters=30", "--eval_interval=30", "--lr_decay_iters=30"], cwd=workdir)
+def torchrun(*args):
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train", *args]
+
+
+def test_ddp_two_cpu_processes_keep_the_global_batch(workdir):
+    common = [*TINY, "--max_iters=30", "--eval_interval=30", "--lr_decay_iters=30", "--gradient_accumulation_steps=1"]
+    r = run(torchrun(*common, "--out_dir=o_ddp"), cwd=workdir)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     log = rows(workdir, "o_ddp")
     assert [x["iter"] for x in log] == [0, 30] and log[1]["val/loss"] < log[0]["val/loss"]
-    assert "2 ranks" in r.stdout
+    assert "1 accum x 2 ranks x 4 batch x 32 block" in r.stdout and "split over the ranks" in r.stdout
+    train(workdir, "o_ddp1", *common[len(TINY):])
+    assert log[-1]["tokens"] == rows(workdir, "o_ddp1")[-1]["tokens"] == 30 * 8 * 32  # the same experiment
+
+
+def test_global_batch_split_over_ranks():
+    import train as train_mod
+    assert train_mod.split_batch(12, 4, 2) == (12, 2)  # the micro-steps first: the same memory per rank
+    assert train_mod.split_batch(12, 1, 2) == (6, 1) and train_mod.split_batch(12, 3, 4) == (3, 3)
+    assert train_mod.split_batch(12, 1, 1) == (12, 1) and train_mod.split_batch(3, 1, 2) is None
+
+
+def test_ddp_global_batch_that_cannot_be_split_is_an_error(workdir):
+    r = run(torchrun(*TINY, "--out_dir=o_ddp_bad", "--batch_size=3", "--max_iters=2"), cwd=workdir)
+    assert r.returncode != 0 and 'train.py", line' not in r.stderr  # torchrun's own traceback follows; none of ours
+    assert r.stderr.count("error: cannot split the global batch (batch_size 3 x gradient_accumulation_steps 1) "
+                          "over 2 processes") == 1, r.stderr[-2000:]
 
 
 def test_wandb_offline_without_credentials_writes_summary(workdir, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     env.update(HOME=str(tmp_path), WANDB_SILENT="true")
-    r = subprocess.run([sys.executable, "-m", "train", *TINY, "--out_dir=o_wandb", "--max_iters=20",
-                        "--eval_interval=10", "--lr_decay_iters=20", "--wandb_log=True"], cwd=workdir,
+    args = [*TINY, "--max_iters=20", "--eval_interval=10", "--lr_decay_iters=20"]
+    r = subprocess.run([sys.executable, "-m", "train", *args, "--out_dir=o_wandb", "--wandb_log=True"], cwd=workdir,
                        env={**env, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "offline" in r.stdout
     runs = glob.glob(str(workdir / "o_wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1, os.listdir(workdir / "o_wandb")
-    kinds, summary = wandb_offline_records(runs[0])
+    kinds, summary, config = wandb_offline_records(runs[0])
+    log = rows(workdir, "o_wandb")
     assert kinds.get("history") == 3 and kinds.get("exit") == 1  # three evaluations, and a clean finish
-    assert summary["val/loss"] == rows(workdir, "o_wandb")[-1]["val/loss"] and summary["iter"] == 20
+    assert summary["val/loss"] == log[-1]["val/loss"] and summary["iter"] == 20
+    assert summary["best_val_loss"] == min(x["val/loss"] for x in log)
+    assert summary["final_ms_per_iter"] == log[-1]["ms_per_iter"]
+    assert summary["peak_mem_cpu_rss_mib"] == log[-1]["peak_mem_cpu_rss_mib"]
+    assert config["attention"] == "dense" and config["n_embd"] == 32 and config["max_iters"] == 20
+    # the memory key means the same with and without wandb (whose import and first log add ~90 MiB)
+    train(workdir, "o_nowandb", *args)
+    assert abs(log[-1]["peak_mem_cpu_rss_mib"] - rows(workdir, "o_nowandb")[-1]["peak_mem_cpu_rss_mib"]) < 30
 
 
 def wandb_offline_records(path):
-    """Record kinds and the merged summary of an offline .wandb file (a leveldb-style log of
+    """Record kinds, the merged summary and the run config of an offline .wandb file (a leveldb-style log of
     protobuf records: 7-byte file header, 32 KiB blocks, 7-byte record headers)."""
     import struct
     from wandb.proto import wandb_internal_pb2 as pb
     raw, pos, buf, block = open(path, "rb").read(), 7, b"", 32768
     assert raw[1:4] == b"W&B"
-    kinds, summary = {}, {}
+    kinds, summary, config = {}, {}, {}
     while pos + 7 <= len(raw):
         left = block - pos % block
         if left < 7:  # block trailer padding
@@ -168,6 +199,9 @@ def wandb_offline_records(path):
             buf = b""
             k = rec.WhichOneof("record_type")
             kinds[k] = kinds.get(k, 0) + 1
+            if k == "run":
+                config.update({u.key: json.loads(u.value_json) for u in rec.run.config.update})
             if k == "summary":
                 summary.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in rec.summary.update})
-    return kinds, summary
+    config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items()}
+    return kinds, summary, config
