@@ -24,6 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+# float32 dots in full IEEE precision: Triton's default, TF32, keeps 10 mantissa bits of each
+# operand on the tensor cores (the interpreter would hide it). Ignored for bfloat16 operands.
+DOT_PRECISION = tl.constexpr("ieee")
+
 
 @triton.jit
 def _program(H):
@@ -99,7 +103,7 @@ def _window_logits(Q, K, BIAS, bh, rq, rk, T,
     for k0 in range(0, DK, BK):
         q = _load_block(Q, bh, rq, k0, T, L, DK, BL, BK)
         k = _load_block(K, bh, rk, k0, T, L, DK, BL, BK)
-        acc += tl.dot(q, tl.trans(k))
+        acc += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     # distance from query to key; the bias table has columns 0..L
     dist = (rq - rk) * L + i[:, None] - j[None, :]
     valid = (i[:, None] < L) & (j[None, :] < L) & (dist >= 0) & (q_rows[:, None] >= 0) & (k_rows[None, :] >= 0)
@@ -129,7 +133,7 @@ def _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R,
     for k0 in range(0, DK, BK):
         q = _load_block(Q, bh, r, k0, T, L, DK, BL, BK)
         c = _load_codes(CB + h * S * DK, s0, k0, S, DK, BS, BK)
-        acc += tl.dot(q, tl.trans(c))
+        acc += tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
     n = tl.load(CNT + (bh * R + r) * S + s, mask=s < S, other=0.0)
     valid = (i[:, None] < L) & (n[None, :] > 0)
     logn = tl.log(tl.where(n > 0, n, 1.0))
@@ -162,7 +166,8 @@ def _vq_fwd_kernel(Q, K, V, BIAS, CB, CNT, U, O, LSE, T, R, H,
         v_cur = _load_block(V, bh, r, v0, T, L, DV, BL, BV)
         v_prev = _load_block(V, bh, r - 1, v0, T, L, DV, BL, BV)
         u = _load_codes(U + (bh * R + r) * S * DV, 0, v0, S, DV, BS, BV)
-        o = tl.dot(p_cur, v_cur) + tl.dot(p_prev, v_prev) + tl.dot(w_c, u)
+        o = (tl.dot(p_cur, v_cur, input_precision=DOT_PRECISION) + tl.dot(p_prev, v_prev, input_precision=DOT_PRECISION)
+             + tl.dot(w_c, u, input_precision=DOT_PRECISION))
         _store_block(O, o, bh, r, v0, T, L, DV, BL, BV)
 
 
@@ -181,8 +186,8 @@ def _vq_bwd_q_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DQ, DBIAS, T, R, H,
         do = _load_block(DO, bh, r, v0, T, L, DV, BL, BV)
         v_cur = _load_block(V, bh, r, v0, T, L, DV, BL, BV)
         v_prev = _load_block(V, bh, r - 1, v0, T, L, DV, BL, BV)
-        dp_cur += tl.dot(do, tl.trans(v_cur))
-        dp_prev += tl.dot(do, tl.trans(v_prev))
+        dp_cur += tl.dot(do, tl.trans(v_cur), input_precision=DOT_PRECISION)
+        dp_prev += tl.dot(do, tl.trans(v_prev), input_precision=DOT_PRECISION)
     ds_cur = p_cur * (dp_cur - delta[:, None])
     ds_prev = p_prev * (dp_prev - delta[:, None])
     # bias gradient: column d of row i comes from key i-d of this block (d <= i), else
@@ -195,7 +200,8 @@ def _vq_bwd_q_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DQ, DBIAS, T, R, H,
     for k0 in range(0, DK, BK):
         k_cur = _load_block(K, bh, r, k0, T, L, DK, BL, BK)
         k_prev = _load_block(K, bh, r - 1, k0, T, L, DK, BL, BK)
-        dq = tl.dot(ds_cur, k_cur) + tl.dot(ds_prev, k_prev)
+        dq = (tl.dot(ds_cur, k_cur, input_precision=DOT_PRECISION)
+              + tl.dot(ds_prev, k_prev, input_precision=DOT_PRECISION))
         _store_block(DQ, dq, bh, r, k0, T, L, DK, BL, BK)
 
 
@@ -215,15 +221,16 @@ def _vq_bwd_cache_kernel(Q, CB, CNT, U, DO, DELTA, LSE, DQ, DU, T, R, H,
         for v0 in range(0, DV, BV):
             do = _load_block(DO, bh, r, v0, T, L, DV, BL, BV)
             u = _load_codes(U + (bh * R + r) * S * DV, s0, v0, S, DV, BS, BV)
-            dw += tl.dot(do, tl.trans(u))
+            dw += tl.dot(do, tl.trans(u), input_precision=DOT_PRECISION)
             du_ptrs, du_ok = _code_tile(DU + (bh * R + r) * S * DV, s0, v0, S, DV, BS, BV)
-            tl.store(du_ptrs, tl.dot(tl.trans(w_c), do), mask=du_ok)
+            tl.store(du_ptrs, tl.dot(tl.trans(w_c), do, input_precision=DOT_PRECISION), mask=du_ok)
         # logit gradient a (dO . U/N - delta) with softmax weight a = w N
         ds_c = w_c * (dw - tl.exp(logn)[None, :] * delta[:, None])
         for k0 in range(0, DK, BK):
             c = _load_codes(CB + h * S * DK, s0, k0, S, DK, BS, BK)
             dq_ptrs, dq_ok = _block_tile(DQ, bh, r, k0, T, L, DK, BL, BK)
-            tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_ok, other=0.0) + tl.dot(ds_c, c), mask=dq_ok)
+            dq = tl.load(dq_ptrs, mask=dq_ok, other=0.0) + tl.dot(ds_c, c, input_precision=DOT_PRECISION)
+            tl.store(dq_ptrs, dq, mask=dq_ok)
 
 
 @triton.jit
@@ -243,16 +250,18 @@ def _vq_bwd_kv_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DK_OUT, DV_OUT, T, R, H,
         v = _load_block(V, bh, r, v0, T, L, DV, BL, BV)
         do_cur = _load_block(DO, bh, r, v0, T, L, DV, BL, BV)
         do_nxt = _load_block(DO, bh, rn, v0, T, L, DV, BL, BV)
-        dp_cur += tl.dot(do_cur, tl.trans(v))
-        dp_nxt += tl.dot(do_nxt, tl.trans(v))
-        dv = tl.dot(tl.trans(p_cur), do_cur) + tl.dot(tl.trans(p_nxt), do_nxt)
+        dp_cur += tl.dot(do_cur, tl.trans(v), input_precision=DOT_PRECISION)
+        dp_nxt += tl.dot(do_nxt, tl.trans(v), input_precision=DOT_PRECISION)
+        dv = (tl.dot(tl.trans(p_cur), do_cur, input_precision=DOT_PRECISION)
+              + tl.dot(tl.trans(p_nxt), do_nxt, input_precision=DOT_PRECISION))
         _store_block(DV_OUT, dv, bh, r, v0, T, L, DV, BL, BV)
     ds_cur = p_cur * (dp_cur - dl_cur[:, None])
     ds_nxt = p_nxt * (dp_nxt - dl_nxt[:, None])
     for k0 in range(0, DK, BK):
         q_cur = _load_block(Q, bh, r, k0, T, L, DK, BL, BK)
         q_nxt = _load_block(Q, bh, rn, k0, T, L, DK, BL, BK)
-        dk = tl.dot(tl.trans(ds_cur), q_cur) + tl.dot(tl.trans(ds_nxt), q_nxt)
+        dk = (tl.dot(tl.trans(ds_cur), q_cur, input_precision=DOT_PRECISION)
+              + tl.dot(tl.trans(ds_nxt), q_nxt, input_precision=DOT_PRECISION))
         _store_block(DK_OUT, dk, bh, r, k0, T, L, DK, BL, BK)
 
 
