@@ -144,31 +144,44 @@ def _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R,
 def _vq_fwd_kernel(Q, K, V, BIAS, CB, CNT, U, O, LSE, T, R, H,
                    L: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """o and the row logsumexp; codes are taken BS at a time, so the codebook's size sets the
+    loop count, not the tile: a first pass over the code chunks finds each row's max and sum
+    (online softmax), a second adds the cache's share into o, written by this program only."""
     r, bh, h = _program(H)
     i = tl.arange(0, BL)
     row_ok = i < L
     s_cur, ok_cur = _window_logits(Q, K, BIAS, bh, r, r, T, L, DK, BL, BK)
     s_prev, ok_prev = _window_logits(Q, K, BIAS, bh, r, r - 1, T, L, DK, BL, BK)
-    qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, 0, T, R, L, S, DK, BL, BS, BK)
-    # one softmax over window and cache
-    m = tl.maximum(tl.maximum(tl.max(s_cur, 1), tl.max(s_prev, 1)), tl.max(qc + logn[None, :], 1))
+    # the window always holds the query's own key: m is finite on the rows < L
+    m = tl.maximum(tl.max(s_cur, 1), tl.max(s_prev, 1))
     m = tl.where(row_ok, m, 0.0)
-    p_cur = tl.where(ok_cur, tl.exp(s_cur - m[:, None]), 0.0)
-    p_prev = tl.where(ok_prev, tl.exp(s_prev - m[:, None]), 0.0)
-    w_c = tl.where(ok_c, tl.exp(qc - m[:, None]), 0.0)  # weight of U: softmax weight / count
-    l = tl.sum(p_cur, 1) + tl.sum(p_prev, 1) + tl.sum(w_c * tl.exp(logn)[None, :], 1)
+    l = (tl.sum(tl.where(ok_cur, tl.exp(s_cur - m[:, None]), 0.0), 1)
+         + tl.sum(tl.where(ok_prev, tl.exp(s_prev - m[:, None]), 0.0), 1))
+    for s0 in range(0, S, BS):  # pass 1: running max and sum over the cache logits q . c_s + log N_s
+        qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R, L, S, DK, BL, BS, BK)
+        x = tl.where(ok_c, qc + logn[None, :], float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, 1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.where(ok_c, tl.exp(x - m_new[:, None]), 0.0), 1)
+        m = m_new
     l = tl.where(l > 0, l, 1.0)
-    tl.store(LSE + bh * T + r * L + i, m + tl.log(l), mask=row_ok)
-    p_cur = p_cur / l[:, None]
-    p_prev = p_prev / l[:, None]
-    w_c = w_c / l[:, None]
-    for v0 in range(0, DV, BV):
+    lse = m + tl.log(l)
+    tl.store(LSE + bh * T + r * L + i, lse, mask=row_ok)
+    p_cur = tl.where(ok_cur, tl.exp(s_cur - lse[:, None]), 0.0)
+    p_prev = tl.where(ok_prev, tl.exp(s_prev - lse[:, None]), 0.0)
+    for v0 in range(0, DV, BV):  # the window's share of o
         v_cur = _load_block(V, bh, r, v0, T, L, DV, BL, BV)
         v_prev = _load_block(V, bh, r - 1, v0, T, L, DV, BL, BV)
-        u = _load_codes(U + (bh * R + r) * S * DV, 0, v0, S, DV, BS, BV)
-        o = (tl.dot(p_cur, v_cur, input_precision=DOT_PRECISION) + tl.dot(p_prev, v_prev, input_precision=DOT_PRECISION)
-             + tl.dot(w_c, u, input_precision=DOT_PRECISION))
+        o = (tl.dot(p_cur, v_cur, input_precision=DOT_PRECISION)
+             + tl.dot(p_prev, v_prev, input_precision=DOT_PRECISION))
         _store_block(O, o, bh, r, v0, T, L, DV, BL, BV)
+    for s0 in range(0, S, BS):  # pass 2: add the cache's share, U weighted by exp(q . c_s - lse)
+        qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R, L, S, DK, BL, BS, BK)
+        w_c = tl.where(ok_c, tl.exp(qc - lse[:, None]), 0.0)  # softmax weight / count
+        for v0 in range(0, DV, BV):
+            u = _load_codes(U + (bh * R + r) * S * DV, s0, v0, S, DV, BS, BV)
+            o_ptrs, o_ok = _block_tile(O, bh, r, v0, T, L, DV, BL, BV)
+            o = tl.load(o_ptrs, mask=o_ok, other=0.0) + tl.dot(w_c, u, input_precision=DOT_PRECISION)
+            tl.store(o_ptrs, o, mask=o_ok)
 
 
 @triton.jit
@@ -268,11 +281,15 @@ def _vq_bwd_kv_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DK_OUT, DV_OUT, T, R, H,
 NUM_WARPS = 8
 
 
+def _fwd_warps(meta):  # blocks of 16: 8 warps over 16-row tiles made ptxas spill the forward on sm_80
+    return 4 if meta["BL"] <= 16 else NUM_WARPS
+
+
 def _pow2(n, lo=16):
     return max(lo, triton.next_power_of_2(n))
 
 
-def _chunked(meta):  # the cache-gradient kernel: 64 codes and 32 key features at a time (no spills)
+def _chunked(meta):  # the forward and cache-gradient kernels: 64 codes and 32 key features at a time (no spills)
     return dict(meta, BS=min(64, meta["BS"]), BK=min(32, meta["BK"]))
 
 
@@ -295,8 +312,8 @@ class VQBlockAttention(torch.autograd.Function):
         o = torch.empty(B, H, T, DV, device=q.device, dtype=torch.float32)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
         meta = dict(L=L, S=S, DK=DK, DV=DV, **_tiles(L, S, DK, DV))
-        _vq_fwd_kernel[(R, B * H)](q, k, v, bias, codebook, counts, sums, o, lse, T, R, H, **meta,
-                                   num_warps=NUM_WARPS)
+        _vq_fwd_kernel[(R, B * H)](q, k, v, bias, codebook, counts, sums, o, lse, T, R, H, **_chunked(meta),
+                                   num_warps=_fwd_warps(meta))
         ctx.save_for_backward(q, k, v, bias, codebook, counts, sums, o, lse)
         ctx.meta = meta
         return o
@@ -323,22 +340,34 @@ def vq_block_attention(q, k, v, bias, codebook, counts, sums, L):
     return VQBlockAttention.apply(q, k, v, bias, codebook, counts, sums, L)
 
 
-# Every kernel at the GPU-scale configuration (n_embd 384: d_k 128, d_v 384, L 32, S 128), for
-# tests/test_kernels_compile.py and `python -m kernels.gpu_compile`. (The paper's unit, d_v 768 and
-# S 512, also compiles without spills: add (32, 512, 128, 768) below to check it.)
+# Every kernel, for tests/test_kernels_compile.py and `python -m kernels.gpu_compile`, at
+# (L, S, d_k, d_v): the interpreter tests' shapes, the GPU-scale configuration (n_embd 384: d_k 128,
+# d_v 384, L 32, S 128), the paper's unit (L 32, S 512, d_v 768) at d_k 64/96/128, and S 1024.
+# The forward and cache-gradient kernels take the codes 64 at a time, so S sets only their loop
+# count; the other two never touch the codebook (S is unused there: one compile per L, d_k, d_v).
+COMPILE_SHAPES = ((16, 24, 40, 40), (12, 150, 72, 72), (12, 200, 40, 100), (32, 128, 128, 384),
+                  (32, 512, 64, 768), (32, 512, 96, 768), (32, 512, 128, 768), (32, 1024, 128, 768))
+
+
 def _compile_cases():
     f32, i32 = "*fp32", "i32"
     kernels = [("fwd", _vq_fwd_kernel, ("Q", "K", "V", "BIAS", "CB", "CNT", "U", "O", "LSE")),
                ("bwd_q", _vq_bwd_q_kernel, ("Q", "K", "V", "BIAS", "DO", "DELTA", "LSE", "DQ", "DBIAS")),
                ("bwd_cache", _vq_bwd_cache_kernel, ("Q", "CB", "CNT", "U", "DO", "DELTA", "LSE", "DQ", "DU")),
                ("bwd_kv", _vq_bwd_kv_kernel, ("Q", "K", "V", "BIAS", "DO", "DELTA", "LSE", "DK_OUT", "DV_OUT"))]
-    cases = []
-    for L, S, DK, DV in ((32, 128, 128, 384),):
+    cases, window_done = [], set()
+    for L, S, DK, DV in COMPILE_SHAPES:
         meta = dict(L=L, S=S, DK=DK, DV=DV, **_tiles(L, S, DK, DV))
         for name, fn, ptrs in kernels:
+            uses_codes = fn in (_vq_fwd_kernel, _vq_bwd_cache_kernel)
+            if not uses_codes:
+                if (fn, L, DK, DV) in window_done:
+                    continue
+                window_done.add((fn, L, DK, DV))
             sig = {**{n: f32 for n in ptrs}, "T": i32, "R": i32, "H": i32, **{n: "constexpr" for n in meta}}
-            m = _chunked(meta) if fn is _vq_bwd_cache_kernel else meta
-            cases.append((f"vq_{name}_S{S}", fn, sig, m, NUM_WARPS))
+            m = _chunked(meta) if uses_codes else meta
+            warps = _fwd_warps(meta) if fn is _vq_fwd_kernel else NUM_WARPS
+            cases.append((f"vq_{name}_L{L}_S{S}_dk{DK}_dv{DV}", fn, sig, m, warps))
     return cases
 
 
