@@ -231,9 +231,13 @@ def block_sparse_attention(q, k, v, idx, bias, block):
 def _cases():
     """Every kernel at the GPU-scale head size (n_embd 384 / 6 heads = 64), for the GPU config's
     block (16) and a larger one, in float32 and in bfloat16 (the dtype under autocast)."""
+    return _variant_cases([(16, 64, "fp32"), (16, 64, "bf16"), (32, 64, "bf16")])
+
+
+def _variant_cases(variants):
     cases = []
-    for block, dtype in ((16, "fp32"), (16, "bf16"), (32, "bf16")):
-        meta = dict(BLOCK=block, D=64, BLOCK_D=64)
+    for block, d, dtype in variants:
+        meta = dict(BLOCK=block, D=d, BLOCK_D=_block_d(d))
         t = f"*{dtype}"
         dims = {"T": "i32", "NQ": "i32", "NSLOT": "i32", "scale": "fp32", **{n: "constexpr" for n in meta}}
         fwd = dict(Q=t, K=t, V=t, IDX="*i32", BIAS="*fp32", O=t, LSE="*fp32", **dims)
@@ -241,7 +245,7 @@ def _cases():
                   DBIAS="*fp32", **dims)
         bkv = dict(Q=t, K=t, V=t, BIAS="*fp32", DO=t, DELTA="*fp32", LSE="*fp32", REV="*i32", OFFS="*i32",
                    DK=t, DV=t, **dims)
-        tag = f"b{block}_{dtype}"
+        tag = f"b{block}_d{d}_{dtype}"
         cases += [(f"fwd_{tag}", _as_fwd_kernel, fwd, meta),
                   (f"bwd_q_{tag}", _as_bwd_q_kernel, bq, meta),
                   (f"bwd_kv_{tag}", _as_bwd_kv_kernel, bkv, meta)]
@@ -250,3 +254,7 @@ def _cases():
 
 # every kernel variant the block launches on the GPU config: python -m kernels.gpu_compile
 COMPILE_CASES = _cases()
+# head dims 96 and 128, block 32 in float32, and the interpreter tests' shapes: python -m kernels.gpu_compile --all
+EXTRA_COMPILE_CASES = _variant_cases([(32, 64, "fp32")] + [(block, d, dtype) for d in (96, 128) for block in (16, 32)
+                                                           for dtype in ("fp32", "bf16")]
+                                     + [(16, 24, "fp32"), (16, 16, "fp32"), (32, 32, "fp32")])

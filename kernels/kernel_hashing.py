@@ -309,3 +309,14 @@ COMPILE_CASES = [  # (name, kernel, signature, constexprs, num_warps): the launc
     ("bwd_hashed_fp32_d64", _kh_bwd_kernel, _bwd_sig("fp32"), _consts(64, 32, 32, 32, False), BWD_WARPS),
     ("bwd_diagonal_fp32_d64", _kh_bwd_kernel, _bwd_sig("fp32"), _consts(64, 32, 32, 16, True), BWD_WARPS),
 ]
+# head dims 96 and 128 (both padded to DP 128; D is a runtime argument), both dtypes, both modes,
+# and the interpreter tests' tiles: python -m kernels.gpu_compile --all
+EXTRA_COMPILE_CASES = [(f"{kind}_{mode}_{fp}_d128", kern, sig(fp), _consts(128, 32, 32, bm, causal), warps)
+                  for fp in ("bf16", "fp32") for mode, bm, causal in (("hashed", 32, False), ("diagonal", 16, True))
+                  for kind, kern, sig, warps in (("fwd", _kh_fwd_kernel, _fwd_sig, FWD_WARPS),
+                                                 ("bwd", _kh_bwd_kernel, _bwd_sig, BWD_WARPS))]
+# the interpreter tests' tiles: head dims 16 and 24 (DP 16, 32), rows, keys and samples of 16
+EXTRA_COMPILE_CASES += [(f"{kind}_{mode}_fp32_dp{dp}_tests", kern, sig("fp32"), _consts(dp, 16, 16, 16, causal), warps)
+                  for dp in (16, 32) for mode, causal in (("hashed", False), ("diagonal", True))
+                  for kind, kern, sig, warps in (("fwd", _kh_fwd_kernel, _fwd_sig, FWD_WARPS),
+                                                 ("bwd", _kh_bwd_kernel, _bwd_sig, BWD_WARPS))]
