@@ -21,6 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+# float32 dots in full IEEE precision: Triton's default, TF32, keeps 10 mantissa bits of each
+# operand on the tensor cores (the interpreter would hide it). Ignored for bfloat16 operands.
+DOT_PRECISION = tl.constexpr("ieee")
+
 
 @triton.jit
 def _tile(blk, base, T, BLOCK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -60,7 +64,7 @@ def _load_q_bwd(Q, DO, LSE, DELTA, qb, bh, base, T, BLOCK: tl.constexpr, D: tl.c
 def _logits(q, k, bias, scale, rows, keys, key_ok, qb, kb):
     """Logits s = q k^T * scale + bias of query block qb against key block kb, and the mask of
     the keys each row may attend to (not padding rows: callers add row_ok where needed)."""
-    s = tl.dot(q, tl.trans(k)) * scale + bias
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale + bias
     # causal mask: only bites inside the diagonal block (kb == qb)
     ok = key_ok[None, :] & ((keys[None, :] <= rows[:, None]) | (kb < qb))
     return s, ok
@@ -77,7 +81,7 @@ def _bwd_p(q, k, lse, bias, scale, rows, row_ok, keys, key_ok, qb, kb):
 @triton.jit
 def _bwd_ds(p, do, v, delta):
     """dS = P (dP - delta) with dP = dO V^T."""
-    dp = tl.dot(do, tl.trans(v))
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     return p * (dp - delta[:, None])
 
 
@@ -105,7 +109,7 @@ def _as_fwd_kernel(Q, K, V, IDX, BIAS, O, LSE, T, NQ, NSLOT, scale,
             alpha = tl.exp(m - m_ref)
             p = tl.exp(s - m_ref[:, None])
             l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m = m_new
     l_ref = tl.where(l > 0, l, 1.0)
     o = acc / l_ref[:, None]
@@ -130,7 +134,7 @@ def _as_bwd_q_kernel(Q, K, V, IDX, BIAS, DO, DELTA, LSE, DQ, DBIAS, T, NQ, NSLOT
             keys, key_ok, _, _, k, v = _load_kv(K, V, kb, base, T, BLOCK, D, BLOCK_D)
             p = _bwd_p(q, k, lse, bias, scale, rows, row_ok, keys, key_ok, qb, kb)
             ds = _bwd_ds(p, do, v, delta)
-            dq += tl.dot(ds.to(k.dtype), k)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             tl.store(DBIAS + lst + slot, tl.sum(tl.sum(ds, 1), 0))
         else:
             tl.store(DBIAS + lst + slot, 0.0)
@@ -156,9 +160,10 @@ def _as_bwd_kv_kernel(Q, K, V, BIAS, DO, DELTA, LSE, REV, OFFS, DK, DV, T, NQ, N
         rows, row_ok, _, _, q, do, lse, delta = _load_q_bwd(Q, DO, LSE, DELTA, qb, bh, base, T,
                                                             BLOCK, D, BLOCK_D)
         p = _bwd_p(q, k, lse, bias, scale, rows, row_ok, keys, key_ok, qb, kb)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do)  # before dP: fewer registers (sm_80, BLOCK 32)
+        # dv before dP: fewer registers (sm_80, BLOCK 32)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
         ds = _bwd_ds(p, do, v, delta)
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
     tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -226,9 +231,13 @@ def block_sparse_attention(q, k, v, idx, bias, block):
 def _cases():
     """Every kernel at the GPU-scale head size (n_embd 384 / 6 heads = 64), for the GPU config's
     block (16) and a larger one, in float32 and in bfloat16 (the dtype under autocast)."""
+    return _variant_cases([(16, 64, "fp32"), (16, 64, "bf16"), (32, 64, "bf16")])
+
+
+def _variant_cases(variants):
     cases = []
-    for block, dtype in ((16, "fp32"), (16, "bf16"), (32, "bf16")):
-        meta = dict(BLOCK=block, D=64, BLOCK_D=64)
+    for block, d, dtype in variants:
+        meta = dict(BLOCK=block, D=d, BLOCK_D=_block_d(d))
         t = f"*{dtype}"
         dims = {"T": "i32", "NQ": "i32", "NSLOT": "i32", "scale": "fp32", **{n: "constexpr" for n in meta}}
         fwd = dict(Q=t, K=t, V=t, IDX="*i32", BIAS="*fp32", O=t, LSE="*fp32", **dims)
@@ -236,7 +245,7 @@ def _cases():
                   DBIAS="*fp32", **dims)
         bkv = dict(Q=t, K=t, V=t, BIAS="*fp32", DO=t, DELTA="*fp32", LSE="*fp32", REV="*i32", OFFS="*i32",
                    DK=t, DV=t, **dims)
-        tag = f"b{block}_{dtype}"
+        tag = f"b{block}_d{d}_{dtype}"
         cases += [(f"fwd_{tag}", _as_fwd_kernel, fwd, meta),
                   (f"bwd_q_{tag}", _as_bwd_q_kernel, bq, meta),
                   (f"bwd_kv_{tag}", _as_bwd_kv_kernel, bkv, meta)]
@@ -245,3 +254,7 @@ def _cases():
 
 # every kernel variant the block launches on the GPU config: python -m kernels.gpu_compile
 COMPILE_CASES = _cases()
+# head dims 96 and 128, block 32 in float32, and the interpreter tests' shapes: python -m kernels.gpu_compile --all
+EXTRA_COMPILE_CASES = _variant_cases([(32, 64, "fp32")] + [(block, d, dtype) for d in (96, 128) for block in (16, 32)
+                                                           for dtype in ("fp32", "bf16")]
+                                     + [(16, 24, "fp32"), (16, 16, "fp32"), (32, 32, "fp32")])

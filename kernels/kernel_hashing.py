@@ -19,6 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
+# float32 dots in full IEEE precision: Triton's default, TF32, keeps 10 mantissa bits of each
+# operand on the tensor cores (the interpreter would hide it). Ignored for bfloat16 operands.
+DOT_PRECISION = tl.constexpr("ieee")
+
 
 @triton.jit
 def _kh_fwd_kernel(Q, K, V, O, LSE, QORD, QKB, KORD, SIDX, SKB, TG, TQ0, TKB,
@@ -59,7 +63,7 @@ def _kh_fwd_kernel(Q, K, V, O, LSE, QORD, QKB, KORD, SIDX, SKB, TG, TQ0, TKB,
         kvmask = kvalid[:, None] & dmask[None, :]
         k = tl.load(K + krow[:, None] * D + dofs[None, :], mask=kvmask, other=0.0)
         v = tl.load(V + krow[:, None] * D + dofs[None, :], mask=kvmask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         keep = kvalid[None, :]
         if CAUSAL:
             keep = keep & (ki[None, :] <= qi[:, None])
@@ -68,7 +72,7 @@ def _kh_fwd_kernel(Q, K, V, O, LSE, QORD, QKB, KORD, SIDX, SKB, TG, TQ0, TKB,
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     if not CAUSAL:  # the sampled keys, weighted by n/m, minus those already in block kb
         for s0 in range(0, M, BM):
@@ -80,13 +84,13 @@ def _kh_fwd_kernel(Q, K, V, O, LSE, QORD, QKB, KORD, SIDX, SKB, TG, TQ0, TKB,
             kvmask = jvalid[:, None] & dmask[None, :]
             k = tl.load(K + krow[:, None] * D + dofs[None, :], mask=kvmask, other=0.0)
             v = tl.load(V + krow[:, None] * D + dofs[None, :], mask=kvmask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale + log_w
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale + log_w
             s = tl.where((jvalid & (skb != kb))[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
     l_safe = tl.where(active, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -135,15 +139,15 @@ def _kh_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DKS, DVS, QORD, QKB, KOR
         kvmask = kvalid[:, None] & dmask[None, :]
         k = tl.load(K + krow[:, None] * D + dofs[None, :], mask=kvmask, other=0.0)
         v = tl.load(V + krow[:, None] * D + dofs[None, :], mask=kvmask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         keep = active[:, None] & kvalid[None, :]
         if CAUSAL:
             keep = keep & (ki[None, :] <= qi[:, None])
         p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-        dv = tl.dot(tl.trans(p).to(do.dtype), do)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q) * scale
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION) * scale
         tl.atomic_add(DV + krow[:, None] * D + dofs[None, :], dv, mask=kvmask)
         tl.atomic_add(DK + krow[:, None] * D + dofs[None, :], dk, mask=kvmask)
     if not CAUSAL:
@@ -156,13 +160,13 @@ def _kh_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DKS, DVS, QORD, QKB, KOR
             kvmask = jvalid[:, None] & dmask[None, :]
             k = tl.load(K + krow[:, None] * D + dofs[None, :], mask=kvmask, other=0.0)
             v = tl.load(V + krow[:, None] * D + dofs[None, :], mask=kvmask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale + log_w
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale + log_w
             keep = active[:, None] & (jvalid & (skb != kb))[None, :]
             p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-            dv = tl.dot(tl.trans(p).to(do.dtype), do)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
-            dk = tl.dot(tl.trans(ds).to(q.dtype), q) * scale
+            dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION) * scale
             prow = (t * M + j).to(tl.int64)  # this tile's partial for the shared sampled keys
             tl.store(DVS + prow[:, None] * D + dofs[None, :], dv, mask=kvmask)
             tl.store(DKS + prow[:, None] * D + dofs[None, :], dk, mask=kvmask)
@@ -305,3 +309,14 @@ COMPILE_CASES = [  # (name, kernel, signature, constexprs, num_warps): the launc
     ("bwd_hashed_fp32_d64", _kh_bwd_kernel, _bwd_sig("fp32"), _consts(64, 32, 32, 32, False), BWD_WARPS),
     ("bwd_diagonal_fp32_d64", _kh_bwd_kernel, _bwd_sig("fp32"), _consts(64, 32, 32, 16, True), BWD_WARPS),
 ]
+# head dims 96 and 128 (both padded to DP 128; D is a runtime argument), both dtypes, both modes,
+# and the interpreter tests' tiles: python -m kernels.gpu_compile --all
+EXTRA_COMPILE_CASES = [(f"{kind}_{mode}_{fp}_d128", kern, sig(fp), _consts(128, 32, 32, bm, causal), warps)
+                  for fp in ("bf16", "fp32") for mode, bm, causal in (("hashed", 32, False), ("diagonal", 16, True))
+                  for kind, kern, sig, warps in (("fwd", _kh_fwd_kernel, _fwd_sig, FWD_WARPS),
+                                                 ("bwd", _kh_bwd_kernel, _bwd_sig, BWD_WARPS))]
+# the interpreter tests' tiles: head dims 16 and 24 (DP 16, 32), rows, keys and samples of 16
+EXTRA_COMPILE_CASES += [(f"{kind}_{mode}_fp32_dp{dp}_tests", kern, sig("fp32"), _consts(dp, 16, 16, 16, causal), warps)
+                  for dp in (16, 32) for mode, causal in (("hashed", False), ("diagonal", True))
+                  for kind, kern, sig, warps in (("fwd", _kh_fwd_kernel, _fwd_sig, FWD_WARPS),
+                                                 ("bwd", _kh_bwd_kernel, _bwd_sig, BWD_WARPS))]

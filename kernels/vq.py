@@ -24,6 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+# float32 dots in full IEEE precision: Triton's default, TF32, keeps 10 mantissa bits of each
+# operand on the tensor cores (the interpreter would hide it). Ignored for bfloat16 operands.
+DOT_PRECISION = tl.constexpr("ieee")
+
 
 @triton.jit
 def _program(H):
@@ -99,7 +103,7 @@ def _window_logits(Q, K, BIAS, bh, rq, rk, T,
     for k0 in range(0, DK, BK):
         q = _load_block(Q, bh, rq, k0, T, L, DK, BL, BK)
         k = _load_block(K, bh, rk, k0, T, L, DK, BL, BK)
-        acc += tl.dot(q, tl.trans(k))
+        acc += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     # distance from query to key; the bias table has columns 0..L
     dist = (rq - rk) * L + i[:, None] - j[None, :]
     valid = (i[:, None] < L) & (j[None, :] < L) & (dist >= 0) & (q_rows[:, None] >= 0) & (k_rows[None, :] >= 0)
@@ -129,7 +133,7 @@ def _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R,
     for k0 in range(0, DK, BK):
         q = _load_block(Q, bh, r, k0, T, L, DK, BL, BK)
         c = _load_codes(CB + h * S * DK, s0, k0, S, DK, BS, BK)
-        acc += tl.dot(q, tl.trans(c))
+        acc += tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
     n = tl.load(CNT + (bh * R + r) * S + s, mask=s < S, other=0.0)
     valid = (i[:, None] < L) & (n[None, :] > 0)
     logn = tl.log(tl.where(n > 0, n, 1.0))
@@ -140,30 +144,44 @@ def _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R,
 def _vq_fwd_kernel(Q, K, V, BIAS, CB, CNT, U, O, LSE, T, R, H,
                    L: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """o and the row logsumexp; codes are taken BS at a time, so the codebook's size sets the
+    loop count, not the tile: a first pass over the code chunks finds each row's max and sum
+    (online softmax), a second adds the cache's share into o, written by this program only."""
     r, bh, h = _program(H)
     i = tl.arange(0, BL)
     row_ok = i < L
     s_cur, ok_cur = _window_logits(Q, K, BIAS, bh, r, r, T, L, DK, BL, BK)
     s_prev, ok_prev = _window_logits(Q, K, BIAS, bh, r, r - 1, T, L, DK, BL, BK)
-    qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, 0, T, R, L, S, DK, BL, BS, BK)
-    # one softmax over window and cache
-    m = tl.maximum(tl.maximum(tl.max(s_cur, 1), tl.max(s_prev, 1)), tl.max(qc + logn[None, :], 1))
+    # the window always holds the query's own key: m is finite on the rows < L
+    m = tl.maximum(tl.max(s_cur, 1), tl.max(s_prev, 1))
     m = tl.where(row_ok, m, 0.0)
-    p_cur = tl.where(ok_cur, tl.exp(s_cur - m[:, None]), 0.0)
-    p_prev = tl.where(ok_prev, tl.exp(s_prev - m[:, None]), 0.0)
-    w_c = tl.where(ok_c, tl.exp(qc - m[:, None]), 0.0)  # weight of U: softmax weight / count
-    l = tl.sum(p_cur, 1) + tl.sum(p_prev, 1) + tl.sum(w_c * tl.exp(logn)[None, :], 1)
+    l = (tl.sum(tl.where(ok_cur, tl.exp(s_cur - m[:, None]), 0.0), 1)
+         + tl.sum(tl.where(ok_prev, tl.exp(s_prev - m[:, None]), 0.0), 1))
+    for s0 in range(0, S, BS):  # pass 1: running max and sum over the cache logits q . c_s + log N_s
+        qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R, L, S, DK, BL, BS, BK)
+        x = tl.where(ok_c, qc + logn[None, :], float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, 1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.where(ok_c, tl.exp(x - m_new[:, None]), 0.0), 1)
+        m = m_new
     l = tl.where(l > 0, l, 1.0)
-    tl.store(LSE + bh * T + r * L + i, m + tl.log(l), mask=row_ok)
-    p_cur = p_cur / l[:, None]
-    p_prev = p_prev / l[:, None]
-    w_c = w_c / l[:, None]
-    for v0 in range(0, DV, BV):
+    lse = m + tl.log(l)
+    tl.store(LSE + bh * T + r * L + i, lse, mask=row_ok)
+    p_cur = tl.where(ok_cur, tl.exp(s_cur - lse[:, None]), 0.0)
+    p_prev = tl.where(ok_prev, tl.exp(s_prev - lse[:, None]), 0.0)
+    for v0 in range(0, DV, BV):  # the window's share of o
         v_cur = _load_block(V, bh, r, v0, T, L, DV, BL, BV)
         v_prev = _load_block(V, bh, r - 1, v0, T, L, DV, BL, BV)
-        u = _load_codes(U + (bh * R + r) * S * DV, 0, v0, S, DV, BS, BV)
-        o = tl.dot(p_cur, v_cur) + tl.dot(p_prev, v_prev) + tl.dot(w_c, u)
+        o = (tl.dot(p_cur, v_cur, input_precision=DOT_PRECISION)
+             + tl.dot(p_prev, v_prev, input_precision=DOT_PRECISION))
         _store_block(O, o, bh, r, v0, T, L, DV, BL, BV)
+    for s0 in range(0, S, BS):  # pass 2: add the cache's share, U weighted by exp(q . c_s - lse)
+        qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R, L, S, DK, BL, BS, BK)
+        w_c = tl.where(ok_c, tl.exp(qc - lse[:, None]), 0.0)  # softmax weight / count
+        for v0 in range(0, DV, BV):
+            u = _load_codes(U + (bh * R + r) * S * DV, s0, v0, S, DV, BS, BV)
+            o_ptrs, o_ok = _block_tile(O, bh, r, v0, T, L, DV, BL, BV)
+            o = tl.load(o_ptrs, mask=o_ok, other=0.0) + tl.dot(w_c, u, input_precision=DOT_PRECISION)
+            tl.store(o_ptrs, o, mask=o_ok)
 
 
 @triton.jit
@@ -181,8 +199,8 @@ def _vq_bwd_q_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DQ, DBIAS, T, R, H,
         do = _load_block(DO, bh, r, v0, T, L, DV, BL, BV)
         v_cur = _load_block(V, bh, r, v0, T, L, DV, BL, BV)
         v_prev = _load_block(V, bh, r - 1, v0, T, L, DV, BL, BV)
-        dp_cur += tl.dot(do, tl.trans(v_cur))
-        dp_prev += tl.dot(do, tl.trans(v_prev))
+        dp_cur += tl.dot(do, tl.trans(v_cur), input_precision=DOT_PRECISION)
+        dp_prev += tl.dot(do, tl.trans(v_prev), input_precision=DOT_PRECISION)
     ds_cur = p_cur * (dp_cur - delta[:, None])
     ds_prev = p_prev * (dp_prev - delta[:, None])
     # bias gradient: column d of row i comes from key i-d of this block (d <= i), else
@@ -195,7 +213,8 @@ def _vq_bwd_q_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DQ, DBIAS, T, R, H,
     for k0 in range(0, DK, BK):
         k_cur = _load_block(K, bh, r, k0, T, L, DK, BL, BK)
         k_prev = _load_block(K, bh, r - 1, k0, T, L, DK, BL, BK)
-        dq = tl.dot(ds_cur, k_cur) + tl.dot(ds_prev, k_prev)
+        dq = (tl.dot(ds_cur, k_cur, input_precision=DOT_PRECISION)
+              + tl.dot(ds_prev, k_prev, input_precision=DOT_PRECISION))
         _store_block(DQ, dq, bh, r, k0, T, L, DK, BL, BK)
 
 
@@ -215,15 +234,16 @@ def _vq_bwd_cache_kernel(Q, CB, CNT, U, DO, DELTA, LSE, DQ, DU, T, R, H,
         for v0 in range(0, DV, BV):
             do = _load_block(DO, bh, r, v0, T, L, DV, BL, BV)
             u = _load_codes(U + (bh * R + r) * S * DV, s0, v0, S, DV, BS, BV)
-            dw += tl.dot(do, tl.trans(u))
+            dw += tl.dot(do, tl.trans(u), input_precision=DOT_PRECISION)
             du_ptrs, du_ok = _code_tile(DU + (bh * R + r) * S * DV, s0, v0, S, DV, BS, BV)
-            tl.store(du_ptrs, tl.dot(tl.trans(w_c), do), mask=du_ok)
+            tl.store(du_ptrs, tl.dot(tl.trans(w_c), do, input_precision=DOT_PRECISION), mask=du_ok)
         # logit gradient a (dO . U/N - delta) with softmax weight a = w N
         ds_c = w_c * (dw - tl.exp(logn)[None, :] * delta[:, None])
         for k0 in range(0, DK, BK):
             c = _load_codes(CB + h * S * DK, s0, k0, S, DK, BS, BK)
             dq_ptrs, dq_ok = _block_tile(DQ, bh, r, k0, T, L, DK, BL, BK)
-            tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_ok, other=0.0) + tl.dot(ds_c, c), mask=dq_ok)
+            dq = tl.load(dq_ptrs, mask=dq_ok, other=0.0) + tl.dot(ds_c, c, input_precision=DOT_PRECISION)
+            tl.store(dq_ptrs, dq, mask=dq_ok)
 
 
 @triton.jit
@@ -243,27 +263,33 @@ def _vq_bwd_kv_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DK_OUT, DV_OUT, T, R, H,
         v = _load_block(V, bh, r, v0, T, L, DV, BL, BV)
         do_cur = _load_block(DO, bh, r, v0, T, L, DV, BL, BV)
         do_nxt = _load_block(DO, bh, rn, v0, T, L, DV, BL, BV)
-        dp_cur += tl.dot(do_cur, tl.trans(v))
-        dp_nxt += tl.dot(do_nxt, tl.trans(v))
-        dv = tl.dot(tl.trans(p_cur), do_cur) + tl.dot(tl.trans(p_nxt), do_nxt)
+        dp_cur += tl.dot(do_cur, tl.trans(v), input_precision=DOT_PRECISION)
+        dp_nxt += tl.dot(do_nxt, tl.trans(v), input_precision=DOT_PRECISION)
+        dv = (tl.dot(tl.trans(p_cur), do_cur, input_precision=DOT_PRECISION)
+              + tl.dot(tl.trans(p_nxt), do_nxt, input_precision=DOT_PRECISION))
         _store_block(DV_OUT, dv, bh, r, v0, T, L, DV, BL, BV)
     ds_cur = p_cur * (dp_cur - dl_cur[:, None])
     ds_nxt = p_nxt * (dp_nxt - dl_nxt[:, None])
     for k0 in range(0, DK, BK):
         q_cur = _load_block(Q, bh, r, k0, T, L, DK, BL, BK)
         q_nxt = _load_block(Q, bh, rn, k0, T, L, DK, BL, BK)
-        dk = tl.dot(tl.trans(ds_cur), q_cur) + tl.dot(tl.trans(ds_nxt), q_nxt)
+        dk = (tl.dot(tl.trans(ds_cur), q_cur, input_precision=DOT_PRECISION)
+              + tl.dot(tl.trans(ds_nxt), q_nxt, input_precision=DOT_PRECISION))
         _store_block(DK_OUT, dk, bh, r, k0, T, L, DK, BL, BK)
 
 
 NUM_WARPS = 8
 
 
+def _fwd_warps(meta):  # blocks of 16: 8 warps over 16-row tiles made ptxas spill the forward on sm_80
+    return 4 if meta["BL"] <= 16 else NUM_WARPS
+
+
 def _pow2(n, lo=16):
     return max(lo, triton.next_power_of_2(n))
 
 
-def _chunked(meta):  # the cache-gradient kernel: 64 codes and 32 key features at a time (no spills)
+def _chunked(meta):  # the forward and cache-gradient kernels: 64 codes and 32 key features at a time (no spills)
     return dict(meta, BS=min(64, meta["BS"]), BK=min(32, meta["BK"]))
 
 
@@ -286,8 +312,8 @@ class VQBlockAttention(torch.autograd.Function):
         o = torch.empty(B, H, T, DV, device=q.device, dtype=torch.float32)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
         meta = dict(L=L, S=S, DK=DK, DV=DV, **_tiles(L, S, DK, DV))
-        _vq_fwd_kernel[(R, B * H)](q, k, v, bias, codebook, counts, sums, o, lse, T, R, H, **meta,
-                                   num_warps=NUM_WARPS)
+        _vq_fwd_kernel[(R, B * H)](q, k, v, bias, codebook, counts, sums, o, lse, T, R, H, **_chunked(meta),
+                                   num_warps=_fwd_warps(meta))
         ctx.save_for_backward(q, k, v, bias, codebook, counts, sums, o, lse)
         ctx.meta = meta
         return o
@@ -314,22 +340,34 @@ def vq_block_attention(q, k, v, bias, codebook, counts, sums, L):
     return VQBlockAttention.apply(q, k, v, bias, codebook, counts, sums, L)
 
 
-# Every kernel at the GPU-scale configuration (n_embd 384: d_k 128, d_v 384, L 32, S 128), for
-# tests/test_kernels_compile.py and `python -m kernels.gpu_compile`. (The paper's unit, d_v 768 and
-# S 512, also compiles without spills: add (32, 512, 128, 768) below to check it.)
+# Every kernel, for tests/test_kernels_compile.py and `python -m kernels.gpu_compile`, at
+# (L, S, d_k, d_v): the interpreter tests' shapes, the GPU-scale configuration (n_embd 384: d_k 128,
+# d_v 384, L 32, S 128), the paper's unit (L 32, S 512, d_v 768) at d_k 64/96/128, and S 1024.
+# The forward and cache-gradient kernels take the codes 64 at a time, so S sets only their loop
+# count; the other two never touch the codebook (S is unused there: one compile per L, d_k, d_v).
+COMPILE_SHAPES = ((16, 24, 40, 40), (12, 150, 72, 72), (12, 200, 40, 100), (32, 128, 128, 384),
+                  (32, 512, 64, 768), (32, 512, 96, 768), (32, 512, 128, 768), (32, 1024, 128, 768))
+
+
 def _compile_cases():
     f32, i32 = "*fp32", "i32"
     kernels = [("fwd", _vq_fwd_kernel, ("Q", "K", "V", "BIAS", "CB", "CNT", "U", "O", "LSE")),
                ("bwd_q", _vq_bwd_q_kernel, ("Q", "K", "V", "BIAS", "DO", "DELTA", "LSE", "DQ", "DBIAS")),
                ("bwd_cache", _vq_bwd_cache_kernel, ("Q", "CB", "CNT", "U", "DO", "DELTA", "LSE", "DQ", "DU")),
                ("bwd_kv", _vq_bwd_kv_kernel, ("Q", "K", "V", "BIAS", "DO", "DELTA", "LSE", "DK_OUT", "DV_OUT"))]
-    cases = []
-    for L, S, DK, DV in ((32, 128, 128, 384),):
+    cases, window_done = [], set()
+    for L, S, DK, DV in COMPILE_SHAPES:
         meta = dict(L=L, S=S, DK=DK, DV=DV, **_tiles(L, S, DK, DV))
         for name, fn, ptrs in kernels:
+            uses_codes = fn in (_vq_fwd_kernel, _vq_bwd_cache_kernel)
+            if not uses_codes:
+                if (fn, L, DK, DV) in window_done:
+                    continue
+                window_done.add((fn, L, DK, DV))
             sig = {**{n: f32 for n in ptrs}, "T": i32, "R": i32, "H": i32, **{n: "constexpr" for n in meta}}
-            m = _chunked(meta) if fn is _vq_bwd_cache_kernel else meta
-            cases.append((f"vq_{name}_S{S}", fn, sig, m, NUM_WARPS))
+            m = _chunked(meta) if uses_codes else meta
+            warps = _fwd_warps(meta) if fn is _vq_fwd_kernel else NUM_WARPS
+            cases.append((f"vq_{name}_L{L}_S{S}_dk{DK}_dv{DV}", fn, sig, m, warps))
     return cases
 
 

@@ -1,14 +1,17 @@
 """Shared test setup.
 
-- Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1), set before any
-  kernel module is imported.
+- Kernel tests run on DEVICE: "cuda" natively when torch sees a GPU, else "cpu" with the
+  Triton kernels in the interpreter (TRITON_INTERPRET=1, set before any kernel module is
+  imported). ATTNLAB_TEST_DEVICE=cpu forces the interpreter on a GPU machine.
+- In the interpreter, float32 dots with TF32 input precision have their operands rounded to
+  10 mantissa bits, as the tensor cores would (tests/tf32_emulation.py;
+  ATTNLAB_TF32_EMULATION=round|truncate|off).
 - torch.empty / empty_like / new_empty return NaN-filled floating buffers, so an
   output element a kernel never wrote shows up as NaN instead of stale memory.
 """
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,6 +19,21 @@ sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+DEVICE = os.environ.get("ATTNLAB_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # native kernels: the interpreter would reject CUDA tensors' pointers
+    os.environ.pop("TRITON_INTERPRET", None)
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if INTERPRETED:
+    try:
+        import triton  # noqa: E402,F401
+    except ImportError:
+        pass
+    else:
+        import tf32_emulation  # noqa: E402
+        tf32_emulation.install(os.environ.get("ATTNLAB_TF32_EMULATION", "round"))
 
 _empty, _empty_like, _new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import model
-from conftest import ROOT, assert_causal, rel_err
+from conftest import DEVICE, ROOT, assert_causal, rel_err
 from model import ATTENTION, GPT, AdaptiveSparseAttention, DenseAttention, GPTConfig
 
 
@@ -245,10 +245,10 @@ def test_triton_kernel_matches_torch(B, H, T, D, Bk, dtype):
     from kernels.adaptive_sparse import block_sparse_attention
     g = torch.Generator().manual_seed(T)
     nq = math.ceil(T / Bk)
-    idx = random_lists(B, H, nq, 2, g)
-    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=dtype).requires_grad_() for _ in range(3))
-    bias = torch.randn(B, H, nq, 4, generator=g).requires_grad_()
-    do = torch.randn(B, H, T, D, generator=g, dtype=dtype)
+    idx = random_lists(B, H, nq, 2, g).to(DEVICE)
+    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=dtype).to(DEVICE).requires_grad_() for _ in range(3))
+    bias = torch.randn(B, H, nq, 4, generator=g).to(DEVICE).requires_grad_()
+    do = torch.randn(B, H, T, D, generator=g, dtype=dtype).to(DEVICE)
     o = block_sparse_attention(q, k, v, idx, bias, Bk)
     got = [o] + list(torch.autograd.grad(o, (q, k, v, bias), do))
     pad = lambda t: F.pad(t, (0, 0, 0, nq * Bk - T))
@@ -263,9 +263,10 @@ def test_triton_kernel_matches_torch(B, H, T, D, Bk, dtype):
 def test_module_on_kernel_path_matches_torch_path(monkeypatch, T):
     pytest.importorskip("triton")
     from kernels.adaptive_sparse import block_sparse_attention
-    m = block(C=32, H=2, as_block=16, as_k_max=1, as_threshold=0.5)
-    x = torch.randn(1, T, 32, requires_grad=True)
+    m = block(C=32, H=2, as_block=16, as_k_max=1, as_threshold=0.5).to(DEVICE)
+    x = torch.randn(1, T, 32).to(DEVICE).requires_grad_()
     params = [m.c_attn.weight, m.score_q, m.gate.weight]
+    monkeypatch.setattr(model, "_as_kernel", lambda t: None)  # on CUDA the kernel is the default
     y_torch = m(x)
     g_torch = torch.autograd.grad(y_torch.square().sum(), [x] + params)
     monkeypatch.setattr(model, "_as_kernel", lambda t: block_sparse_attention)

@@ -4,7 +4,7 @@ PyTorch path (TRITON_INTERPRET=1), decode-state equality and the config file."""
 import pytest
 import torch
 
-from conftest import ROOT, assert_causal, rel_err
+from conftest import DEVICE, ROOT, assert_causal, rel_err
 from model import ACTIVATION, ATTENTION, GPT, GPTConfig, CausalGenerativeFunction
 
 FNS = ["min", "max", "mean"]
@@ -88,14 +88,15 @@ def test_tie_gradient_goes_whole_to_the_first_argument(fn, use_triton):
     s = -1.0 if fn == "min" else 1.0
     # t = 2: x_2 = 0 loses to x_1 = s and m_2 = s, which tie: x_{t-1} comes first, so y_2 = x_1 and
     # its gradient goes to x_1 alone (not split with the mean, nor halved as torch.minimum does)
-    x = torch.tensor([2 * s, s, 0.0]).view(1, 3, 1).repeat(1, 1, 3).requires_grad_(True)
+    dev = DEVICE if use_triton else "cpu"
+    x = torch.tensor([2 * s, s, 0.0]).view(1, 3, 1).repeat(1, 1, 3).to(dev).requires_grad_(True)
     y = mixer(fn, True, use_triton)(x)
-    assert torch.equal(y[0, 2], torch.full((3,), s))
+    assert torch.equal(y[0, 2].cpu(), torch.full((3,), s))
     y[0, 2].sum().backward()
-    assert torch.equal(x.grad[0, :, 0], torch.tensor([0.0, 1.0, 0.0]))
+    assert torch.equal(x.grad[0, :, 0].cpu(), torch.tensor([0.0, 1.0, 0.0]))
     # a constant sequence ties everywhere: every gradient stays with its own token x_t
-    x = torch.full((2, 5, 4), 0.5, requires_grad=True)
-    g = torch.randn(2, 5, 4)
+    x = torch.full((2, 5, 4), 0.5, device=dev, requires_grad=True)
+    g = torch.randn(2, 5, 4).to(dev)
     (mixer(fn, True, use_triton)(x) * g).sum().backward()
     assert torch.equal(x.grad, g)
 
@@ -114,8 +115,8 @@ def test_triton_matches_pytorch(fn, avg):
     from kernels.generative import generative_function
     torch.manual_seed(5)
     # T = 45: three chunks of 16 (the last one partial); C = 40: one full and one partial channel block
-    x = torch.randn(2, 45, 40, requires_grad=True)
-    g = torch.randn(2, 45, 40)
+    x = torch.randn(2, 45, 40).to(DEVICE).requires_grad_()
+    g = torch.randn(2, 45, 40).to(DEVICE)
     y, won = generative_function(x, fn, avg, block_t=16)
     (dx,) = torch.autograd.grad(y, x, g)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -133,9 +134,9 @@ def test_triton_matches_pytorch(fn, avg):
 def test_block_triton_path_matches_pytorch_path(avg):
     """The whole block (default tile sizes, T = 70 not a multiple of 32), outputs and every gradient."""
     torch.manual_seed(6)
-    block = ATTENTION["generative-function"](GPTConfig(n_embd=48, n_head=4, gf_avg_context=avg))
-    x = torch.randn(2, 70, 48, requires_grad=True)
-    g = torch.randn(2, 70, 48)
+    block = ATTENTION["generative-function"](GPTConfig(n_embd=48, n_head=4, gf_avg_context=avg)).to(DEVICE)
+    x = torch.randn(2, 70, 48).to(DEVICE).requires_grad_()
+    g = torch.randn(2, 70, 48).to(DEVICE)
     grads = {}
     for use_triton in (False, True):
         block.mix.use_triton = use_triton

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as M
-from conftest import assert_causal, rel_err
+from conftest import DEVICE, assert_causal, rel_err
 from model import ATTENTION, GPT, GPTConfig
 
 KNOBS = dict(kh_min_seq_len=8, kh_bucket_block=5, kh_samples=6, kh_hash_bits=4)  # awkward on purpose
@@ -201,8 +201,8 @@ triton = pytest.importorskip("triton")
                                                                               kh_samples=20))])
 def test_triton_block_matches_torch(T, d, kn):
     """Whole block: chunks (causal mode) and every level (hashed mode), outputs and gradients, float32."""
-    q, k, v = qkv(1, 2, T, d, dtype=torch.float32, seed=T, grad=True)
-    go = torch.randn(1, 2, T, d)
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in qkv(1, 2, T, d, dtype=torch.float32, seed=T))
+    go = torch.randn(1, 2, T, d).to(DEVICE)
     outs = {}
     for backend in ("torch", "triton"):
         o = M.kernel_hashing_attention(q, k, v, *kn, 21, backend=backend)
@@ -215,15 +215,16 @@ def test_triton_block_matches_torch(T, d, kn):
 def test_triton_kernel_takes_the_lse_gradient():
     """One level through the kernel: o and lse against the dense form, with upstream gradients on both."""
     G, s, d, block, m = 3, 23, 16, 5, 7
-    q, k, v = (t[0] for t in qkv(1, G, s, d, dtype=torch.float32, seed=4, grad=False))
+    q, k, v = (t[0].to(DEVICE) for t in qkv(1, G, s, d, dtype=torch.float32, seed=4, grad=False))
     rq, rk = M._kh_level_ranks(q[None], k[None], 0, 13, 4)
-    plan = M._kh_plan(rq[:, :, None], rk[:, :, None], 0, torch.tensor([0]), torch.arange(s), 13, block, m)
+    plan = M._kh_plan(rq[:, :, None], rk[:, :, None], 0, torch.tensor([0], device=DEVICE),
+                      torch.arange(s, device=DEVICE), 13, block, m)
     assert plan["s_idx"] is not None
     q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
     x = q @ k.transpose(1, 2) / math.sqrt(d) + M._kh_plan_log_weights(plan)
     ref = (torch.softmax(x, -1) @ v, torch.logsumexp(x, -1))
     got = M._kh_rect_triton(q, k, v, plan, d ** -0.5)
-    go, gl = torch.randn(G, s, d), torch.randn(G, s)
+    go, gl = torch.randn(G, s, d).to(DEVICE), torch.randn(G, s).to(DEVICE)
     for a, b in zip(got, ref):
         assert rel_err(a, b) <= 1e-3
     g_got = torch.autograd.grad(got[0], (q, k, v), go, retain_graph=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_causal, rel_err
+from conftest import DEVICE, assert_causal, rel_err
 from model import (GPT, GPTConfig, VQGatedUnit, _scan, rms_norm, vq_attention, vq_block_attention_torch,
                    vq_chunk_attention_torch, vq_compressive_cache)
 
@@ -325,9 +325,10 @@ def test_triton_kernels_match_pytorch(B, H, T, L, S, dk, dv):
     from kernels.vq import vq_block_attention
     torch.manual_seed(B * 1000 + T)
     pad = -T % L
-    q, k_hat, z, v, codebook = quantized_inputs(B, H, T + pad, S, dk, dv, dtype=torch.float32, seed=T)
+    q, k_hat, z, v, codebook = (t.to(DEVICE) for t in quantized_inputs(B, H, T + pad, S, dk, dv,
+                                                                          dtype=torch.float32, seed=T))
     counts, sums = vq_compressive_cache(z, v, S, L)
-    bias = torch.randn(B, H, T + pad, L + 1)
+    bias = torch.randn(B, H, T + pad, L + 1).to(DEVICE)
     leaves = [t.clone().requires_grad_(True) for t in (q, k_hat, v, bias, sums)]
     out = vq_block_attention(leaves[0], leaves[1], leaves[2], leaves[3], codebook, counts, leaves[4], L)
     ref_leaves = [t.clone().requires_grad_(True) for t in (q, k_hat, v, bias, sums)]
