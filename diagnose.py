@@ -149,7 +149,7 @@ def top_n_share(q, k):
 
 def estimate_error(q, k, v, c, b, m, r, seeds):
     """Relative error of the kernel-hashing estimate against exact causal attention, over positions >= c."""
-    from model import kernel_hashing_attention
+    from kernels.kernel_hashing import kernel_hashing_attention
     exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)[:, :, c:]
     errs = []
     for seed in range(seeds):
