@@ -471,8 +471,8 @@ class KernelHashingAttention(DenseAttention):
     term: O(T (b + m) log T) for fixed d, c, r. Memory: the PyTorch path saves q, k, v, o and the row
     LSEs, O(T d), plus O(T log(T/c)) integers of hashes and samples; its forward holds the scores,
     O(T (c + b + m) log(T/c)), and its backward recomputes them piece by piece. No T x T tensor.
-    The Triton path (CUDA) runs the chunks and each level in one gathered-block kernel that
-    returns the LSE, with a backward that takes d(lse) as well as d(o).
+    The Triton path (CUDA; kernels/kernel_hashing.py) runs the chunks and each level in one
+    gathered-block kernel that returns the LSE, with a backward that takes d(lse) as well as d(o).
     """
 
     def __init__(self, config):
