@@ -613,9 +613,7 @@ def parse_args(argv):
 
 
 def main(argv):
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return
+    configurator.help_if_asked(argv, DEFAULTS)
     try:
         cfg, names, whats, Ts = parse_args(argv)
     except BenchError as e:

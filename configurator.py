@@ -7,13 +7,18 @@ Order of precedence: the script's module-level defaults < the config file's top 
 the config file's `scales[scale]` preset < command-line flags. A config file may hold a
 `scales = {'cpu': {...}, 'gpu': {...}}` dict; `scale='auto'` picks 'gpu' when CUDA is
 available and 'cpu' otherwise. Unknown keys and wrong types raise ConfigError, which the
-scripts turn into a one-line message and exit code 2. Also the scripts' shared output rules:
-fail() for bad input, write_atomic() for every file they write.
+scripts turn into a one-line message and exit code 2. `--help` or `-h` prints the script's
+docstring and every key with its type, default and comment, and exits 0 (help_if_asked, which
+load() calls first). Also the scripts' shared output rules: fail() for bad input, write_atomic()
+for every file they write.
 """
 
 import ast
 import os
+import re
 import sys
+
+HELP_FLAGS = ("--help", "-h")
 
 
 class ConfigError(Exception):
@@ -39,9 +44,45 @@ def _parse_value(raw):
     return raw if isinstance(value, tuple) else value  # --T=1024,4096 is a list written as a string
 
 
+def _key_comments(path, keys):
+    """The comment on the line that sets each key in a script's top part (before its first def or
+    class): `key = value  # comment` or `key=value,  # comment`."""
+    if not path or not os.path.isfile(path):
+        return {}
+    top = re.split(r"\n(?:def|class) ", open(path).read())[0]
+    found = {}
+    for line in top.splitlines():
+        m = re.match(r"\s*(\w+)\s*=[^=#][^#]*#\s*(.+)$", line)
+        if m and m.group(1) in keys and m.group(1) not in found:
+            found[m.group(1)] = m.group(2).strip()
+    return found
+
+
+def help_text(defaults, doc=None, path=None):
+    """The script's docstring (default: __main__'s), then one line per key: name, type, default and
+    the comment on the line that sets it in the script (path, default: __main__'s file)."""
+    main = sys.modules.get("__main__")
+    doc = (doc if doc is not None else getattr(main, "__doc__", None) or "").strip("\n")
+    notes = _key_comments(path or getattr(main, "__file__", None), defaults)
+    rows = [(k, type(v).__name__, repr(v), notes.get(k, "")) for k, v in defaults.items()]
+    w = [max([len(r[i]) for r in rows] + [4]) for i in range(3)]
+    lines = [doc, "", f"{len(rows)} keys, each set as --key=value (name, type, default, note):"]
+    lines += [f"  {k:<{w[0]}}  {t:<{w[1]}}  {v:<{w[2]}}  {c}".rstrip() for k, t, v, c in rows]
+    return "\n".join(lines)
+
+
+def help_if_asked(argv, defaults, doc=None):
+    """--help or -h anywhere in argv: print help_text and exit 0."""
+    if any(a in HELP_FLAGS for a in argv):
+        print(help_text(defaults, doc))
+        sys.exit(0)
+
+
 def load(argv, defaults, choose_scale=None):
     """Returns (config dict, list of messages to print). `defaults` maps every allowed key
-    to its default value; its types are enforced. choose_scale() -> (scale, reason)."""
+    to its default value; its types are enforced. choose_scale() -> (scale, reason).
+    --help or -h in argv prints the help and exits 0."""
+    help_if_asked(argv, defaults)
     config, notes = dict(defaults), []
     files = [a for a in argv if not a.startswith("--")]
     flags = [a for a in argv if a.startswith("--")]

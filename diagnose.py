@@ -42,20 +42,30 @@ class DiagnoseError(Exception):
     pass
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.MetavarTypeHelpFormatter):
+    """--help as the other scripts give it: the whole docstring, each option's type and default."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, argparse.SUPPRESS):
+            return action.help
+        return f"{action.help or ''} [default: {action.default!r}]".lstrip()
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
-    p.add_argument("--out_dir", required=True, help="directory holding ckpt.pt (saved by train.py)")
-    p.add_argument("--report_dir", default="", help="where to write the report (default: out_dir)")
-    p.add_argument("--data_dir", default="data", help="datasets root: <data_dir>/<dataset>/val.bin")
-    p.add_argument("--device", default="cpu")
+    p = argparse.ArgumentParser(description=__doc__.strip("\n"), formatter_class=_HelpFormatter, allow_abbrev=False)
+    p.add_argument("--out_dir", type=str, required=True, help="directory holding ckpt.pt (saved by train.py)")
+    p.add_argument("--report_dir", type=str, default="", help="where to write the report ('': out_dir)")
+    p.add_argument("--data_dir", type=str, default="data", help="datasets root: <data_dir>/<dataset>/val.bin")
+    p.add_argument("--device", type=str, default="cpu", help="cpu or cuda")
     p.add_argument("--n_seqs", type=int, default=8, help="validation windows")
-    p.add_argument("--seq_len", type=int, default=0, help="window length (default: the model's block_size)")
+    p.add_argument("--seq_len", type=int, default=0, help="window length (0: the model's block_size)")
     p.add_argument("--min_seq_len", type=int, default=0,
-                   help="exact-chunk size for the error grid (default: the checkpoint's, else seq_len/4)")
-    p.add_argument("--samples", default="", help="comma-separated samples m (default: powers of two to seq_len/2)")
-    p.add_argument("--buckets", default="",
-                   help="comma-separated bucket blocks b (default: powers of two up to min_seq_len)")
-    p.add_argument("--hash_bits", type=int, default=0, help="default: the checkpoint's kh_hash_bits")
+                   help="exact-chunk size for the error grid (0: the checkpoint's, else seq_len/4)")
+    p.add_argument("--samples", type=str, default="",
+                   help="comma-separated samples m ('': powers of two to seq_len/2)")
+    p.add_argument("--buckets", type=str, default="",
+                   help="comma-separated bucket blocks b ('': powers of two up to min_seq_len)")
+    p.add_argument("--hash_bits", type=int, default=0, help="0: the checkpoint's kh_hash_bits")
     p.add_argument("--seeds", type=int, default=3, help="hash/sample draws averaged per grid point")
     return p.parse_args(argv)
 
@@ -149,7 +159,7 @@ def top_n_share(q, k):
 
 def estimate_error(q, k, v, c, b, m, r, seeds):
     """Relative error of the kernel-hashing estimate against exact causal attention, over positions >= c."""
-    from model import kernel_hashing_attention
+    from kernels.kernel_hashing import kernel_hashing_attention
     exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)[:, :, c:]
     errs = []
     for seed in range(seeds):

@@ -17,7 +17,9 @@ A block's contract (see DenseAttention for the smallest example):
     has_input_norm                class flag: True if the block normalises its own
                                   input, so the Block skips its pre-LayerNorm
 
-The section for each block below cites its paper and states its equations and cost.
+The section for each block below cites its paper and states its equations and cost; the
+block calls one functional op from kernels/<block>.py, which holds how it is computed (PyTorch
+reference, CPU-fast path, Triton kernels) and picks the path.
 """
 
 import inspect
@@ -27,6 +29,11 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kernels.adaptive_sparse import Scorer, adaptive_sparse_attention, n_slots
+from kernels.generative import causal_generative_function, gf_compare
+from kernels.kernel_hashing import kernel_hashing_attention, kernel_hashing_query, kh_hash, kh_levels
+from kernels.vq import rms_norm, straight_through, vq_attention
 
 
 @dataclass
@@ -186,17 +193,10 @@ ATTENTION["dense"] = DenseAttention
 # w vectors (zero-initialised); the cache gets the content bias u but no position term, and
 # window keys further than L get none. The GPT therefore has no absolute position table.
 #
-# Cost per layer, T tokens, d = d_k + d_v, no T x T tensor in forward or backward. Two paths
-# compute the same function:
-# - Triton kernels (kernels/vq.py, forward and backward) on CUDA, block by block: a query
-#   scores 2L window keys and S codes; the cache (counts N, value sums U) is kept per block,
-#   built by cumulative sums over blocks. Time O(T (L + S) d), memory O(T d + (T/L) S d_v).
-# - PyTorch on CPU (and wherever Triton is missing), chunk by chunk: a chunk of G blocks
-#   (C = G L positions, G about S / L) scores key by key the block before it and itself, since
-#   q . k^_j = q . c_z_j gives an old key the logit its code has in the cache, and only the
-#   blocks older than that go through a cache kept per chunk. Time O(T (S + L + C) d) =
-#   O(T (L + S) d); memory O(T d + (T/C) S d_v) = O(T d). Fewer, larger matrix products and a
-#   cache G times smaller than block by block, which is what makes it fast on a CPU.
+# Cost per layer, T tokens, d = d_k + d_v: time O(T (L + S) d), memory O(T d), no T x T tensor
+# in forward or backward. kernels/vq.py computes it block by block in Triton on CUDA (a query
+# scores 2L window keys and S codes; a cache per block, memory O(T d + (T/L) S d_v)) and chunk by
+# chunk in PyTorch elsewhere (chunks of about S / L blocks, a cache per chunk).
 # Decode: O(1) state per layer (the current and previous block, N and the value sums per
 # code) and O(L + S) time per token, independent of the context length.
 #
@@ -204,283 +204,10 @@ ATTENTION["dense"] = DenseAttention
 # across heads, one shared gate); vq_gau_layout=True stacks two GAUs in the module (the
 # paper's layout; pair it with mlp_ratio=0 for two GAUs and no MLP per layer).
 
-try:
-    from kernels.vq import vq_block_attention as _vq_block_attention_triton
-except ImportError:  # no triton: the PyTorch path is used everywhere
-    _vq_block_attention_triton = None
-
 
 def _f32(t):
     """Attention arithmetic runs in float32 at least (bfloat16/float16 inputs are upcast)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-class _RMSNorm(torch.autograd.Function):
-    """y = x / rms(x) * w * scale over the last dimension (w may be None), with eps inside the
-    root. The same function as F.rms_norm, in fewer passes over memory and fewer temporaries
-    than its composite CPU form (it saves x and the per-row 1/rms, not the normalised x)."""
-
-    @staticmethod
-    def forward(ctx, x, w, scale, eps):
-        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-        ctx.save_for_backward(x, r, w)
-        ctx.scale = scale
-        return x * (r * scale) if w is None else (x * r).mul_(w * scale)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, r, w = ctx.saved_tensors
-        h = dy * (r * ctx.scale)  # gradient wrt x/rms, times 1/rms
-        dw = None
-        if w is not None:
-            if ctx.needs_input_grad[1]:
-                dw = (h * x).flatten(0, -2).sum(0)
-            h = h.mul_(w)
-        # dx = (g - xhat mean(g xhat)) / rms with g the gradient wrt xhat = x / rms
-        c = torch.linalg.vecdot(h, x).unsqueeze(-1).mul_(r * r / -x.shape[-1])
-        return torch.addcmul(h, x, c), dw, None, None
-
-
-def rms_norm(x, weight=None, scale=1.0, eps=1e-6):
-    """RMSNorm over the last dimension, times an optional gain and a constant scale."""
-    if x.is_cuda:  # fused there
-        return F.rms_norm(x, (x.shape[-1],), weight, eps=eps) * scale
-    return _RMSNorm.apply(x, weight, scale, eps)
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward: exactly the codewords. Backward: the gradient goes to the keys unchanged."""
-
-    @staticmethod
-    def forward(ctx, k, codewords):
-        return codewords.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def _scan(x, reverse=False, G=4):
-    """Inclusive cumulative sum of x (N, R, M) over R (from the end if reverse), as a few
-    matmuls: a lower-triangular (G, G) matrix sums inside chunks of G rows, and the chunk
-    totals are scanned recursively. torch.cumsum over a middle dimension is far slower on CPU."""
-    N, R, M = x.shape
-    if x.is_cuda:  # fast there, and exact (the matmul below could run in TF32)
-        return x.flip(1).cumsum(1).flip(1) if reverse else x.cumsum(1)
-    if R == 1:
-        return x
-    G = min(G, R)
-    C = -(-R // G)
-    xc = (F.pad(x, (0, 0, 0, C * G - R)) if C * G > R else x).reshape(N, C, G, M)
-    tri = torch.ones(G, G, device=x.device, dtype=x.dtype)
-    tri = tri.triu() if reverse else tri.tril()
-    y = tri @ xc  # scan inside each chunk, (N, C, G, M)
-    if C > 1:
-        tot = y[:, :, 0] if reverse else y[:, :, -1]  # chunk totals, (N, C, M)
-        y += (_scan(tot, reverse, G) - tot).unsqueeze(2)  # plus the exclusive scan of the totals
-    return y.view(N, C * G, M)[:, :R]
-
-
-class _CacheSums(torch.autograd.Function):
-    """Value sums U (N, R, S, d_v) per cache row r and code s, from values v (N, T, d_v) with
-    codes z (N, T): position t counts in rows r >= first[t] (first (T,) non-decreasing). Forward:
-    an index_add at row first[t], then a cumulative sum over rows. Backward: the reverse
-    cumulative sum, read back at each position's row (zero where first[t] >= R)."""
-
-    @staticmethod
-    def forward(ctx, v, z, first, R, S):
-        N, T, dv = v.shape
-        n_rows = max(R, int(first.max()) + 1)  # rows past R take the positions no row uses
-        rows = (first * S + z + torch.arange(N, device=z.device)[:, None] * (n_rows * S)).view(-1)
-        U = v.new_zeros(N * n_rows * S, dv).index_add_(0, rows, v.reshape(-1, dv))
-        ctx.save_for_backward(z, first)
-        ctx.shape = (R, S)
-        return _scan(U.view(N, -1, S * dv)[:, :R]).view(N, R, S, dv)
-
-    @staticmethod
-    def backward(ctx, g):
-        z, first = ctx.saved_tensors
-        R, S = ctx.shape
-        N, dv, T = g.shape[0], g.shape[-1], z.shape[1]
-        g = _scan(g.reshape(N, R, S * dv), reverse=True).reshape(N * R * S, dv)
-        rows = first.clamp(max=R - 1) * S + z + torch.arange(N, device=z.device)[:, None] * (R * S)
-        dv_ = g.index_select(0, rows.view(-1)).view(N, T, dv)
-        dv_[:, int((first < R).sum()):] = 0  # positions that enter no row of the cache
-        return dv_, None, None, None, None
-
-
-def _cache(z, v, first, R, S):
-    """Counts N (B, H, R, S) and value sums U (B, H, R, S, d_v) of the positions t with
-    first[t] <= r, for z (B, H, T) codes and v (B, H, T, d_v) values (U differentiable in v)."""
-    B, H, T = z.shape
-    dv = v.shape[-1]
-    slot = first * S + z  # (B, H, T)
-    counts = torch.zeros(B, H, (int(first.max()) + 1) * S, device=z.device, dtype=v.dtype).scatter_add_(
-        2, slot, torch.ones_like(slot, dtype=v.dtype))
-    counts = counts.view(B, H, -1, S)[:, :, :R].cumsum(2)
-    sums = _CacheSums.apply(v.reshape(B * H, T, dv), z.reshape(B * H, T), first, R, S)
-    return counts, sums.view(B, H, R, S, dv)
-
-
-def vq_compressive_cache(z, v, S, L):
-    """Per-block cache of the keys in blocks <= r-2, by cumulative sums over blocks: counts
-    N (B, H, R, S) per code and value sums U (B, H, R, S, d_v) (differentiable in v).
-    z (B, H, R*L) codes, v (B, H, R*L, d_v) values."""
-    Tp = z.shape[2]
-    # key t enters at block t//L + 2, so that the inclusive sum at block r covers blocks 0..r-2
-    return _cache(z, v, torch.arange(Tp, device=z.device) // L + 2, Tp // L, S)
-
-
-def vq_block_attention_torch(q, k, v, bias, codebook, counts, sums, L):
-    """Block-wise attention, PyTorch. Same arguments as kernels/vq.py's VQBlockAttention:
-    q, k (B, H, R*L, d_k), v (B, H, R*L, d_v), bias (B, H, R*L, L+1) or None (no position bias),
-    codebook (H, S, d_k), counts N (B, H, R, S), value sums U (B, H, R, S, d_v). Returns (B, H, R*L, d_v)."""
-    B, H, Tp, dk = q.shape
-    R, dv = Tp // L, v.shape[-1]
-    qb, kb, vb = q.view(B, H, R, L, dk), k.view(B, H, R, L, dk), v.view(B, H, R, L, dv)
-    i = torch.arange(L, device=q.device)
-    dist = i[:, None] - i[None, :]  # query-to-key distance inside a block; L more to the previous one
-    # logits against the block itself and against the previous one (none for block 0)
-    s_cur = qb @ kb.transpose(-1, -2)  # (B, H, R, L, L)
-    s_prev = F.pad(qb[:, :, 1:] @ kb[:, :, :-1].transpose(-1, -2), (0, 0, 0, 0, 1, 0), value=float("-inf"))
-    if bias is not None:
-        bias = bias.view(B, H, R, L, L + 1)
-        s_cur = s_cur + torch.gather(bias, -1, dist.clamp(min=0).expand(B, H, R, L, L))
-        s_prev = s_prev + torch.gather(bias, -1, (dist + L).clamp(max=L).expand(B, H, R, L, L)) * (dist <= 0)
-    s_cur = s_cur.masked_fill(dist < 0, float("-inf"))
-    logn = torch.where(counts > 0, counts.clamp(min=1).log(), torch.full_like(counts, float("-inf")))
-    s_cache = (q @ codebook.transpose(-1, -2)).view(B, H, R, L, -1) + logn.unsqueeze(3)
-    a = torch.softmax(torch.cat([s_prev, s_cur, s_cache], dim=-1), dim=-1)
-    a_prev, a_cur, a_cache = a.split([L, L, a.shape[-1] - 2 * L], dim=-1)
-    # cache values are the means U / N: divide the (small) weights instead of the sums
-    w_cache = a_cache / counts.clamp(min=1).unsqueeze(3)
-    S = w_cache.shape[-1]
-    o = (a_cur @ vb).view(-1, L, dv).baddbmm_(w_cache.reshape(-1, L, S), sums.reshape(-1, S, dv))
-    o = o.view(B, H, R, L, dv)
-    o[:, :, 1:] += a_prev[:, :, 1:] @ vb[:, :, :-1]
-    return o.view(B, H, Tp, dv)
-
-
-def _chunk_scores(x, y, L, before_first):
-    """s = x [y_before | y_chunk]^T per chunk: x, y (B, H, n, C, d) -> (B, H, n, C, L+C), where
-    y_before is the last block of the previous chunk; before_first fills the first chunk's."""
-    B, H, n, C, _ = x.shape
-    s = x.new_empty(B, H, n, C, L + C)
-    s[..., L:] = x @ y.transpose(-1, -2)
-    s[:, :, 0, :, :L] = before_first
-    s[:, :, 1:, :, :L] = x[:, :, 1:] @ y[:, :, :-1, C - L:].transpose(-1, -2)
-    return s
-
-
-def _chunk_mix(a, y, L):
-    """The product back: a [y_before | y_chunk], a (B, H, n, C, L+C) -> (B, H, n, C, d)."""
-    C = y.shape[3]
-    o = a[..., L:] @ y
-    o[:, :, 1:] += a[:, :, 1:, :, :L] @ y[:, :, :-1, C - L:]
-    return o
-
-
-def _chunk_mix_t(a, x, L):
-    """The transposed product: a^T x, each chunk's first L columns of a landing on the last
-    block of the previous chunk (nothing for the first chunk's)."""
-    C = x.shape[3]
-    o = a[..., L:].transpose(-1, -2) @ x
-    o[:, :, :-1, C - L:] += a[:, :, 1:, :, :L].transpose(-1, -2) @ x[:, :, 1:]
-    return o
-
-
-class _ChunkLogits(torch.autograd.Function):
-    """Content logits of each chunk's queries (B, H, n, C, .) against the block before the
-    chunk and the chunk itself: s (B, H, n, C, L+C), -inf before the first chunk. Backward:
-    q gets every pair's gradient; a key only the pairs inside its queries' window (own or
-    next block), since an older pair stands for a cache entry, whose key is a codeword."""
-
-    @staticmethod
-    def forward(ctx, q, k, L):
-        ctx.save_for_backward(q, k)
-        ctx.L = L
-        return _chunk_scores(q, k, L, float("-inf"))
-
-    @staticmethod
-    def backward(ctx, ds):
-        q, k = ctx.saved_tensors
-        L, C = ctx.L, q.shape[3]
-        p = torch.arange(C, device=q.device)
-        e = torch.arange(L + C, device=q.device)
-        window = e[None, :] // L >= p[:, None] // L  # key block >= query block - 1 (column e is position e - L)
-        return _chunk_mix(ds, k, L), _chunk_mix_t(ds * window, q, L), None
-
-
-class _ChunkMix(torch.autograd.Function):
-    """The values side of _ChunkLogits: o = a [v_before | v_chunk], a (B, H, n, C, L+C),
-    v (B, H, n, C, d_v), without copying the values into windows."""
-
-    @staticmethod
-    def forward(ctx, a, v, L):
-        ctx.save_for_backward(a, v)
-        ctx.L = L
-        return _chunk_mix(a, v, L)
-
-    @staticmethod
-    def backward(ctx, do):
-        a, v = ctx.saved_tensors
-        return _chunk_scores(do, v, ctx.L, 0.0), _chunk_mix_t(a, do, ctx.L), None
-
-
-def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G):
-    """Block-wise VQ attention computed chunk by chunk, the CPU path: the same result as
-    vq_block_attention_torch over vq_compressive_cache(z, v, S, L), with no per-block cache.
-    A chunk is G blocks, C = G L positions. Its queries attend key by key, with logits
-    q . k^_j, to the block before the chunk and to the chunk itself: window pairs (own and
-    previous block) with the position bias, older pairs as the cache would count them
-    (q . k^_j = q . c_z_j, no gradient to k). Blocks older than that are in a per-chunk cache
-    (counts and value sums by cumulative sums over chunks): (T/C) S d_v floats instead of
-    (T/L) S d_v, for (L + C) keys per query instead of 2L. G = 1 is the block-wise form.
-    k must hold the quantized keys (values equal to the codewords of z), as VQGatedUnit's do.
-    q, k, v (B, H, n*C, .), z (B, H, n*C), bias (B, H, n*C, L+1) or None. Returns (B, H, n*C, d_v)."""
-    B, H, Tp, dk = q.shape
-    C, S, dv = G * L, codebook.shape[1], v.shape[-1]
-    n = Tp // C
-    # the chunk cache of chunk c holds the positions t < c C - L: t enters at chunk (t + L) // C + 1
-    counts, sums = _cache(z, v, (torch.arange(Tp, device=z.device) + L) // C + 1, n, S)
-    logn = torch.where(counts > 0, counts.clamp(min=1).log(), torch.full_like(counts, float("-inf")))
-    s_cache = (q @ codebook.transpose(-1, -2)).view(B, H, n, C, S) + logn.unsqueeze(3)
-    vc = v.view(B, H, n, C, dv)
-    s_keys = _ChunkLogits.apply(q.view(B, H, n, C, dk), k.view(B, H, n, C, dk), L)  # (B, H, n, C, L+C)
-    dist = torch.arange(C, device=q.device)[:, None] + L - torch.arange(L + C, device=q.device)
-    if bias is not None:  # bias[p, d] belongs at column L + p - d: a skewed copy of the flipped bias
-        skew = F.pad(bias.view(B, H, n, C, L + 1).flip(-1), (0, C)).view(B, H, n, C * (L + C + 1))
-        s_keys = s_keys + skew[..., :C * (L + C)].view(B, H, n, C, L + C)
-    s_keys = s_keys.masked_fill(dist < 0, float("-inf"))
-    a = torch.softmax(torch.cat([s_cache, s_keys], dim=-1), dim=-1)
-    a_cache, a_keys = a.split([S, L + C], dim=-1)
-    o = _ChunkMix.apply(a_keys, vc, L) + (a_cache / counts.clamp(min=1).unsqueeze(3)) @ sums
-    return o.view(B, H, Tp, dv)
-
-
-def vq_attention(q, k_hat, z, v, codebook, L, bias=None, chunk_blocks=None):
-    """Transformer-VQ attention of (B, H, T, .) queries, quantized keys k_hat with codes z,
-    and values; codebook (H, S, d_k); optional window bias (B, H, T, L+1) for distances 0..L.
-    Runs the Triton kernels on CUDA (block-wise), the chunked PyTorch path otherwise, with
-    chunks of chunk_blocks blocks (default: about S / L, so a chunk's keys cost about what
-    its cache costs). T is padded to a whole number of chunks; padding sits after every real
-    query, so it is never attended to."""
-    T = q.shape[2]
-    cuda = q.is_cuda and _vq_block_attention_triton is not None
-    G = 1 if cuda else chunk_blocks or max(1, min(codebook.shape[1] // L, -(-T // L)))
-    pad = -T % (G * L)
-    if pad:
-        q, k_hat, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k_hat, v))
-        z = F.pad(z, (0, pad))
-        bias = None if bias is None else F.pad(bias, (0, 0, 0, pad))
-    if cuda:
-        counts, sums = vq_compressive_cache(z, v, codebook.shape[1], L)
-        if bias is None:
-            bias = q.new_zeros(*q.shape[:3], L + 1)
-        o = _vq_block_attention_triton(q, k_hat, v, bias, codebook, counts, sums, L)
-    else:
-        o = vq_chunk_attention_torch(q, k_hat, z, v, bias, codebook, L, G)
-    return o[:, :, :T]
 
 
 def relative_sinusoids(n, width, device, lam=10000.0):
@@ -544,7 +271,7 @@ class VQGatedUnit(nn.Module):
             z = d2.argmin(-1)
         cz = c[torch.arange(self.H, device=k.device)[None, :, None], z]  # (B, H, T, d_k)
         err = (k - cz).pow(2).sum(-1)
-        return z, _StraightThrough.apply(k, cz), err
+        return z, straight_through(k, cz), err
 
     @torch.no_grad()
     def ema_update(self, k, z):
@@ -705,384 +432,6 @@ ATTENTION["vq"] = VQAttention
 # kernel-hashing: LSH finds the heavy entries, uniform samples estimate the light rest
 # --------------------------------------------------------------------------------------
 
-_KH_M32 = 0xFFFFFFFF
-_KH_GOLDEN = 0x9E3779B9
-_kh_triton_module = None
-
-
-def _kh_kernels():
-    """The Triton kernels, imported on first use (CUDA, or tests under TRITON_INTERPRET=1)."""
-    global _kh_triton_module
-    if _kh_triton_module is None:
-        from kernels import kernel_hashing
-        _kh_triton_module = kernel_hashing
-    return _kh_triton_module
-
-
-def _kh_mix(x):
-    """xorshift-multiply mixer of 32-bit words held in int64 tensors. Every multiplier is
-    below 2**31, so no product leaves int64 and CPU and CUDA agree bit for bit."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _KH_M32
-    x = x ^ (x >> 15)
-    x = (x * 0x5BD1E995) & _KH_M32
-    return x ^ (x >> 16)
-
-
-def _kh_hash(first, *fields):
-    """Counter-based random 32-bit words: a hash of integer fields (ints or int64 tensors,
-    broadcast together). The same fields give the same word on any device and in any batch."""
-    h = _kh_mix((torch.as_tensor(first, dtype=torch.long) & _KH_M32) ^ _KH_GOLDEN)
-    for f in fields:
-        h = _kh_mix(((h ^ (f & _KH_M32)) + _KH_GOLDEN) & _KH_M32)
-    return h
-
-
-def _kh_planes(seed, level, B, H, d, r, device):
-    """Gaussian hyperplanes (B, H, d, r) for angular LSH at one level (Box-Muller on hashed words)."""
-    bi = torch.arange(B, device=device).view(B, 1, 1)
-    hi = torch.arange(H, device=device).view(1, H, 1)
-    e = torch.arange(d * r, device=device).view(1, 1, d * r)
-    u1 = (_kh_hash(seed, 1, level, bi, hi, 2 * e).float() + 0.5) / 2**32  # in (0, 1]
-    u2 = _kh_hash(seed, 1, level, bi, hi, 2 * e + 1).float() / 2**32
-    return (torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)).view(B, H, d, r)
-
-
-def _kh_gray_rank(proj):
-    """Bucket of each vector from its r hyperplane projections (..., r): the signs read as a Gray
-    code, returned as its rank, so buckets adjacent in rank differ in one hyperplane."""
-    binary = (proj > 0).long().cumsum(-1) & 1  # Gray -> binary, most significant bit first
-    weights = 2 ** torch.arange(proj.shape[-1] - 1, -1, -1, device=proj.device)
-    return (binary * weights).sum(-1)
-
-
-def _kh_level_ranks(q, k, level, seed, r):
-    """Gray ranks of q (B, H, Nq, d) and k (B, H, Nk, d) under the hyperplanes of one level."""
-    B, H, _, d = q.shape
-    planes = _kh_planes(seed, level, B, H, d, r, q.device)
-    return _kh_gray_rank(torch.matmul(q.float(), planes)), _kh_gray_rank(torch.matmul(k.float(), planes))
-
-
-def _kh_plan(rq, rk, level, pairs, qpos, seed, block, samples):
-    """Key blocks and samples for P past rectangles at one level.
-
-    rq (B, H, P, SQ): Gray ranks of the rectangles' queries, at local positions qpos (SQ,) within
-    the second half; rk (B, H, P, SK): ranks of their keys (the first halves); pairs (P,): the
-    rectangles' indices at this level. Keys are sorted by rank (ties by position) and cut into
-    blocks of `block`. A query goes to the key block at its own place in that order: after the
-    keys of lower rank, and among keys of its own rank at the fraction of the half it sits at.
-    That place depends on the query itself and past keys only, which keeps the block causal.
-    Samples: `samples` keys per rectangle drawn uniformly without replacement, weight SK/m. All is
-    a function of (seed, level, pair, batch row, head, position), so a prefix of a sequence gets
-    the plan of the whole sequence (which cached decoding relies on). Integer tensors over
-    G = B*H*P groups: q_kb (G, SQ), k_order, k_kb (G, SK), s_idx, s_kb (G, m) or None.
-    """
-    B, H, P, SQ = rq.shape
-    SK = rk.shape[3]
-    G, dev = B * H * P, rq.device
-    rq, rk = rq.reshape(G, SQ).contiguous(), rk.reshape(G, SK).contiguous()
-    ar = torch.arange(SK, device=dev)
-    sorted_key, k_order = (rk * SK + ar).sort(dim=1)
-    rk_sorted = sorted_key // SK
-    lo = torch.searchsorted(rk_sorted, rq)
-    hi = torch.searchsorted(rk_sorted, rq, right=True)
-    place = lo + (hi - lo) * (2 * qpos + 1) // (2 * SK)
-    q_kb = place.clamp(max=SK - 1) // block
-    k_kb = torch.empty_like(k_order).scatter_(1, k_order, ar.expand(G, SK)) // block
-    m = 0 if SK <= block else min(samples, SK)  # one block holds every key: nothing left to sample
-    plan = dict(q_kb=q_kb, k_order=k_order, k_kb=k_kb, s_idx=None, s_kb=None, block=block, log_w=0.0)
-    if m > 0:
-        assert SK < 2**24
-        words = _kh_hash(seed, 2, level, torch.arange(B, device=dev).view(B, 1, 1, 1),
-                         torch.arange(H, device=dev).view(1, H, 1, 1), pairs.view(1, 1, P, 1), ar)
-        s_idx = ((words << 24) | ar).topk(m, dim=-1).indices.reshape(G, m)  # distinct keys: no ties
-        plan.update(s_idx=s_idx, s_kb=k_kb.gather(1, s_idx), log_w=math.log(SK / m))
-    return plan
-
-
-def _kh_tiles(q_kb, rows, nb):
-    """Sort queries by key block and cut the sorted order into chunks of `rows`; a tile is a
-    (chunk, key block) pair that at least one query of the chunk needs, so each query is active
-    in exactly one tile. Returns q_order, kb_sorted (G, SQ), tile_g, tile_chunk, tile_kb (NT,)."""
-    G, SQ = q_kb.shape
-    kb_sorted, q_order = q_kb.sort(dim=1, stable=True)
-    nch = -(-SQ // rows)
-    chunk = torch.arange(G, device=q_kb.device)[:, None] * nch + torch.arange(SQ, device=q_kb.device) // rows
-    uniq = torch.unique_consecutive((chunk * nb + kb_sorted).flatten())
-    tile_chunk, tile_kb = uniq // nb, uniq % nb
-    return q_order, kb_sorted, tile_chunk // nch, tile_chunk, tile_kb
-
-
-def _kh_pieces(plan, q_rows, k_rows):
-    """A level's plan as gathered pieces for _kh_attend: q_rows (G, SQ) and k_rows (G, SK) map each
-    rectangle's local queries and keys to rows of the flattened q and k.
-    A piece: rows_q (NT, R), rows_k (NT, K) (None: the first NT*R rows in order), mask
-    (broadcastable to (NT, R, K), True = scored) and bias (added to every score)."""
-    G, SQ = q_rows.shape
-    SK, b = k_rows.shape[1], plan["block"]
-    nb, nch = -(-SK // b), -(-SQ // b)
-    q_order, kb_sorted, tile_g, tile_chunk, tile_kb = _kh_tiles(plan["q_kb"], b, nb)
-    qo = F.pad(q_order, (0, nch * b - SQ))  # padding rows point at query 0 and stay inactive
-    kbs = F.pad(kb_sorted, (0, nch * b - SQ), value=-1)
-    ko = F.pad(plan["k_order"], (0, nb * b - SK))
-    real_key = (torch.arange(nb * b, device=q_rows.device) < SK).view(nb, b)[tile_kb]
-    active = kbs.view(G * nch, b)[tile_chunk] == tile_kb[:, None]
-    pieces = [dict(rows_q=q_rows.gather(1, qo).view(G * nch, b)[tile_chunk],
-                   rows_k=k_rows.gather(1, ko).view(G * nb, b)[tile_g * nb + tile_kb],
-                   mask=active[:, :, None] & real_key[:, None, :], bias=0.0)]
-    if plan["s_idx"] is not None:  # sampled keys, minus those in the query's own block
-        pieces.append(dict(rows_q=q_rows, rows_k=k_rows.gather(1, plan["s_idx"]),
-                           mask=plan["s_kb"][:, None, :] != plan["q_kb"][:, :, None], bias=plan["log_w"]))
-    return pieces
-
-
-def _kh_take(x, rows, nt, r):
-    return x.view(nt, r, x.shape[-1]) if rows is None else x.index_select(0, rows.flatten()).view(nt, r, -1)
-
-
-def _kh_put(acc, rows, val):
-    if rows is None:
-        acc[:val.shape[0] * val.shape[1]] += val.flatten(0, 1)
-    else:
-        acc.index_put_((rows.flatten(),), val.flatten(0, 1), accumulate=True)
-
-
-def _kh_scores(qf, kf, piece, scale):
-    nt, r = piece["rows_q"].shape if piece["rows_q"] is not None else piece["shape"]
-    kk = piece["rows_k"].shape[1] if piece["rows_k"] is not None else r
-    qt, kt = _kh_take(qf, piece["rows_q"], nt, r), _kh_take(kf, piece["rows_k"], nt, kk)
-    s = torch.baddbmm(torch.full((), piece["bias"], dtype=qt.dtype, device=qt.device), qt, kt.transpose(1, 2),
-                      alpha=scale)
-    if piece["mask"] is not None:
-        s = s.masked_fill(~piece["mask"], float("-inf"))
-    return s, qt, kt
-
-
-def _kh_row_lse(n, pieces, row_lse):
-    """Combine per-piece row log-sum-exps into one per row (rows may appear in several pieces)."""
-    top = torch.full((n,), float("-inf"), dtype=row_lse[0].dtype, device=row_lse[0].device)
-    for pc, l in zip(pieces, row_lse):
-        rows = pc["rows_q"]
-        if rows is None:
-            top[:l.numel()] = torch.maximum(top[:l.numel()], l.flatten())
-        else:
-            top.scatter_reduce_(0, rows.flatten(), l.flatten(), "amax")
-    top = top.clamp_min(-1e30)
-    total = torch.zeros(n, dtype=top.dtype, device=top.device)
-    for pc, l in zip(pieces, row_lse):
-        rows = pc["rows_q"]
-        if rows is None:
-            total[:l.numel()] += torch.exp(l.flatten() - top[:l.numel()])
-        else:
-            total.index_add_(0, rows.flatten(), torch.exp(l.flatten() - top[rows.flatten()]))
-    return top + torch.log(total)
-
-
-def _kh_attend(qf, kf, vf, pieces, scale):
-    """Softmax attention of each query row over the union of its pieces' keys (disjoint per row):
-    qf (Nq, d), kf, vf (Nk, d) -> o (Nq, d), lse (Nq,), and the first piece's row lse."""
-    scores = [_kh_scores(qf, kf, pc, scale)[0] for pc in pieces]
-    row_lse = [torch.logsumexp(s, -1) for s in scores]
-    lse = _kh_row_lse(qf.shape[0], pieces, row_lse)
-    o = torch.zeros(qf.shape[0], vf.shape[1], dtype=vf.dtype, device=vf.device)
-    for pc, s in zip(pieces, scores):
-        nt, r, kk = s.shape
-        p = torch.exp(s - _kh_take(lse[:, None], pc["rows_q"], nt, r))
-        _kh_put(o, pc["rows_q"], torch.bmm(p, _kh_take(vf, pc["rows_k"], nt, kk)))
-    return o, lse, row_lse[0]
-
-
-class _KHAttend(torch.autograd.Function):
-    """_kh_attend with a backward that recomputes the scores piece by piece (flash-style), so the
-    saved state is q, k, v, o and the row lse: O(T d) memory however many pieces there are."""
-
-    @staticmethod
-    def forward(ctx, qf, kf, vf, pieces, scale):
-        o, lse, lse0 = _kh_attend(qf, kf, vf, pieces, scale)
-        ctx.save_for_backward(qf, kf, vf, o, lse)
-        ctx.pieces, ctx.scale = pieces, scale
-        ctx.mark_non_differentiable(lse, lse0)
-        return o, lse, lse0
-
-    @staticmethod
-    def backward(ctx, do, _dlse, _dlse0):
-        qf, kf, vf, o, lse = ctx.saved_tensors
-        do = do.contiguous()
-        delta = (do * o).sum(-1, keepdim=True)
-        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
-        for pc in ctx.pieces:
-            s, qt, kt = _kh_scores(qf, kf, pc, ctx.scale)
-            nt, r, kk = s.shape
-            p = torch.exp(s - _kh_take(lse[:, None], pc["rows_q"], nt, r))
-            dot, vt = _kh_take(do, pc["rows_q"], nt, r), _kh_take(vf, pc["rows_k"], nt, kk)
-            _kh_put(dv, pc["rows_k"], torch.bmm(p.transpose(1, 2), dot))
-            ds = p * (torch.bmm(dot, vt.transpose(1, 2)) - _kh_take(delta, pc["rows_q"], nt, r))
-            _kh_put(dq, pc["rows_q"], torch.bmm(ds, kt))
-            _kh_put(dk, pc["rows_k"], torch.bmm(ds.transpose(1, 2), qt))
-        return dq * ctx.scale, dk * ctx.scale, dv, None, None
-
-
-def _kh_rect_triton(q, k, v, plan, scale):
-    """Triton path of one level: q (G, SQ, d), k, v (G, SK, d) -> o (G, SQ, d), lse (G, SQ)."""
-    kern = _kh_kernels()
-    G, SQ, _ = q.shape
-    b = plan["block"]
-    rows = kern.rows_per_tile(b)
-    q_order, kb_sorted, tile_g, tile_chunk, tile_kb = _kh_tiles(plan["q_kb"], rows, -(-k.shape[1] // b))
-    tile_q0 = tile_chunk % -(-SQ // rows) * rows
-    return kern.gathered_block_attention(q, k, v, q_order, kb_sorted, plan["k_order"], plan["s_idx"], plan["s_kb"],
-                                         tile_g, tile_q0, tile_kb, b, plan["log_w"], scale, False, rows)
-
-
-def _kh_diag_triton(q, k, v, c, scale):
-    """Exact causal attention inside consecutive chunks of c tokens, Triton: (o, lse) over (B, H, Tp)."""
-    kern = _kh_kernels()
-    B, H, Tp, d = q.shape
-    G, rows = B * H * (Tp // c), kern.rows_per_tile(c)
-    sub = -(-c // rows)
-    tile_g = torch.arange(G, device=q.device).repeat_interleave(sub)
-    tile_q0 = (torch.arange(sub, device=q.device) * rows).repeat(G)
-    o, lse = kern.gathered_block_attention(q.reshape(G, c, d), k.reshape(G, c, d), v.reshape(G, c, d), None, None,
-                                           None, None, None, tile_g, tile_q0, torch.zeros_like(tile_g), c, 0.0,
-                                           scale, True, rows)
-    return o.view(B, H, Tp, d), lse.view(B, H, Tp)
-
-
-def _kh_merge(o1, lse1, o2, lse2):
-    """Combine two partial softmaxes over disjoint key sets through their log-sum-exps."""
-    lse = torch.logaddexp(lse1, lse2)
-    return o1 * torch.exp(lse1 - lse)[..., None] + o2 * torch.exp(lse2 - lse)[..., None], lse
-
-
-def _kh_levels(T, c):
-    """Dyadic layout from position 0: chunks of c, then rectangles of side s = c*2^l at level l.
-    Yields (level, s, number of rectangles whose query half holds a real position)."""
-    level, s = 0, c
-    while s < T:
-        yield level, s, -(-(T - s) // (2 * s))
-        level, s = level + 1, 2 * s
-
-
-def kernel_hashing_attention(q, k, v, min_seq_len, bucket_block, samples, hash_bits, seed,
-                             backend="auto", stats=None):
-    """The kernel-hashing estimate of causal softmax attention. q, k, v (B, H, T, d) -> (B, H, T, d).
-    seed: an int or int64 tensor that fixes every hash plane and sample. backend: 'auto' (Triton
-    on CUDA when available), 'torch' or 'triton'. stats: a dict to receive 'approx_mass', the
-    mean softmax weight that queries past the first chunk give to the approximated rectangles."""
-    B, H, T, d = q.shape
-    c, scale = min_seq_len, d ** -0.5
-    if T <= c and stats is None:  # short sequence: exact attention
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda and _kh_triton_available())
-    Tp = c << max(0, (-(-T // c) - 1).bit_length())  # c times a power of two >= T
-    q, k, v = (F.pad(t, (0, 0, 0, Tp - T)).contiguous() for t in (q, k, v))
-    levels = list(_kh_levels(T, c))
-    plans = []
-    with torch.no_grad():  # hashing and sampling: no gradient
-        r, dev = hash_bits, q.device
-        planes = torch.cat([_kh_planes(seed, lv, B, H, d, r, dev) for lv, _, _ in levels], -1) if levels else None
-        pq = torch.matmul(q.float(), planes) if levels else None  # every level's projections at once
-        pk = torch.matmul(k.float(), planes) if levels else None
-        for level, s, P in levels:
-            n = Tp // (2 * s)
-            rq = _kh_gray_rank(pq[..., level * r:(level + 1) * r]).view(B, H, n, 2, s)[:, :, :P, 1]
-            rk = _kh_gray_rank(pk[..., level * r:(level + 1) * r]).view(B, H, n, 2, s)[:, :, :P, 0]
-            plans.append(_kh_plan(rq, rk, level, torch.arange(P, device=dev), torch.arange(s, device=dev),
-                                  seed, bucket_block, samples))
-    if use_triton:
-        o, lse = _kh_diag_triton(q, k, v, c, scale)
-        lse_diag = lse
-        for (level, s, P), plan in zip(levels, plans):
-            n = Tp // (2 * s)
-            q6, k6, v6 = (t.view(B, H, n, 2, s, d) for t in (q, k, v))
-            o_r, lse_r = _kh_rect_triton(q6[:, :, :P, 1].reshape(-1, s, d), k6[:, :, :P, 0].reshape(-1, s, d),
-                                         v6[:, :, :P, 0].reshape(-1, s, d), plan, scale)
-            o6, l5 = o.view(B, H, n, 2, s, d), lse.view(B, H, n, 2, s)
-            o_m, l_m = _kh_merge(o6[:, :, :P, 1], l5[:, :, :P, 1], o_r.view(B, H, P, s, d), lse_r.view(B, H, P, s))
-            o = torch.stack([o6[:, :, :, 0], torch.cat([o_m, o6[:, :, P:, 1]], 2)], 3).view(B, H, Tp, d)
-            lse = torch.stack([l5[:, :, :, 0], torch.cat([l_m, l5[:, :, P:, 1]], 2)], 3).view(B, H, Tp)
-    else:
-        pieces = [dict(rows_q=None, rows_k=None, shape=(B * H * Tp // c, c), bias=0.0,
-                       mask=torch.ones(c, c, dtype=torch.bool, device=q.device).tril()[None])]
-        with torch.no_grad():
-            base = torch.arange(B * H, device=q.device).view(B * H, 1, 1) * Tp
-            for (level, s, P), plan in zip(levels, plans):
-                rows = base + torch.arange(P, device=q.device).view(1, P, 1) * 2 * s + torch.arange(s, device=q.device)
-                pieces += _kh_pieces(plan, (rows + s).view(-1, s), rows.view(-1, s))
-        o, lse, lse_diag = _KHAttend.apply(q.view(-1, d), k.view(-1, d), v.view(-1, d), pieces, scale)
-        o, lse, lse_diag = o.view(B, H, Tp, d), lse.view(B, H, Tp), lse_diag.view(B, H, Tp)
-    if stats is not None:
-        with torch.no_grad():
-            w = 1 - torch.exp(lse_diag[:, :, c:T] - lse[:, :, c:T])
-            stats["approx_mass"] = w.mean().item() if w.numel() else 0.0
-    return o[:, :, :T]
-
-
-def kernel_hashing_query(q, k, v, min_seq_len, bucket_block, samples, hash_bits, seed):
-    """The same estimate for one query at the last position: q (B, H, 1, d), k, v (B, H, S, d).
-    Hashes and samples only the past rectangles this query sees; used by decoding."""
-    B, H, S, d = k.shape
-    c, i, dev = min_seq_len, S - 1, q.device
-    ci = i // c
-    bh = torch.arange(B * H, device=dev)[:, None]
-    pieces = [dict(rows_q=bh, rows_k=bh * S + torch.arange(ci * c, S, device=dev), mask=None, bias=0.0)]
-    for level in range(ci.bit_length()):
-        if not (ci >> level) & 1:
-            continue  # this query sits in the first half at this level
-        s = c << level
-        pair = i // (2 * s)
-        kr = k[:, :, pair * 2 * s:pair * 2 * s + s]
-        rq, rk = _kh_level_ranks(q, kr, level, seed, hash_bits)
-        plan = _kh_plan(rq[:, :, None], rk[:, :, None], level, torch.tensor([pair], device=dev),
-                        torch.tensor([i - pair * 2 * s - s], device=dev), seed, bucket_block, samples)
-        pieces += _kh_pieces(plan, bh, bh * S + pair * 2 * s + torch.arange(s, device=dev))
-    o, _, _ = _kh_attend(q.reshape(B * H, d), k.reshape(B * H * S, d), v.reshape(B * H * S, d), pieces, d ** -0.5)
-    return o.view(B, H, 1, d)
-
-
-def kernel_hashing_log_weights(q, k, min_seq_len, bucket_block, samples, hash_bits, seed):
-    """The estimator written densely: (B, H, T, T) additive log-weights W such that the block's
-    output is softmax(q k^T / sqrt(d) + W) v. W is 0 on entries computed exactly (the query's
-    chunk, causally, and its key block in each past rectangle), log(n/m) on sampled entries
-    outside that block, -inf elsewhere. O(T^2): for tests and diagnostics only."""
-    B, H, T, d = q.shape
-    c, dev = min_seq_len, q.device
-    W = torch.full((B, H, T, T), float("-inf"), dtype=q.dtype, device=dev)
-    for start in range(0, T, c):
-        n = min(c, T - start)
-        W[:, :, start:start + n, start:start + n] = torch.zeros(n, n, dtype=q.dtype, device=dev).masked_fill(
-            ~torch.ones(n, n, dtype=torch.bool, device=dev).tril(), float("-inf"))
-    for level, s, P in _kh_levels(T, c):
-        for pair in range(P):
-            k0, q0 = pair * 2 * s, pair * 2 * s + s
-            nq = min(s, T - q0)
-            rq, rk = _kh_level_ranks(q[:, :, q0:q0 + nq], k[:, :, k0:k0 + s], level, seed, hash_bits)
-            plan = _kh_plan(rq[:, :, None], rk[:, :, None], level, torch.tensor([pair], device=dev),
-                            torch.arange(nq, device=dev), seed, bucket_block, samples)
-            W[:, :, q0:q0 + nq, k0:k0 + s] = _kh_plan_log_weights(plan, q.dtype).view(B, H, nq, s)
-    return W
-
-
-def _kh_plan_log_weights(plan, dtype=torch.float32):
-    """One level's plan written densely: (G, SQ, SK) log-weights, 0 on the query's key block,
-    log(n/m) on sampled keys outside it, -inf elsewhere."""
-    same = plan["k_kb"][:, None, :] == plan["q_kb"][:, :, None]
-    w = torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill(~same, float("-inf"))
-    if plan["s_idx"] is not None:
-        sampled = torch.zeros(plan["k_kb"].shape, dtype=torch.bool, device=same.device)
-        sampled.scatter_(1, plan["s_idx"], True)
-        w = w.masked_fill(sampled[:, None, :] & ~same, plan["log_w"])
-    return w
-
-
-def _kh_triton_available():
-    try:
-        import triton  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 class KernelHashingAttention(DenseAttention):
     """Causal attention by kernel hashing: locality-sensitive hashing finds the heavy entries of
     the attention (kernel) matrix and uniform sampling estimates the light rest.
@@ -1122,8 +471,8 @@ class KernelHashingAttention(DenseAttention):
     term: O(T (b + m) log T) for fixed d, c, r. Memory: the PyTorch path saves q, k, v, o and the row
     LSEs, O(T d), plus O(T log(T/c)) integers of hashes and samples; its forward holds the scores,
     O(T (c + b + m) log(T/c)), and its backward recomputes them piece by piece. No T x T tensor.
-    The Triton path (CUDA) runs the chunks and each level in one gathered-block kernel that
-    returns the LSE, with a backward that takes d(lse) as well as d(o).
+    The Triton path (CUDA; kernels/kernel_hashing.py) runs the chunks and each level in one
+    gathered-block kernel that returns the LSE, with a backward that takes d(lse) as well as d(o).
     """
 
     def __init__(self, config):
@@ -1143,10 +492,10 @@ class KernelHashingAttention(DenseAttention):
     def forward(self, x):
         q, k, v = self._heads(x)
         if self.training:
-            seed = _kh_hash(self.seed, 1, self.step)
+            seed = kh_hash(self.seed, 1, self.step)
             self.step += 1
         else:
-            seed = _kh_hash(self.seed, 0)
+            seed = kh_hash(self.seed, 0)
         stats = {} if not self.training and q.shape[2] > self.min_seq_len else None  # diagnostics in eval
         y = kernel_hashing_attention(q, k, v, *self._knobs(), seed, backend=self.backend, stats=stats)
         if stats is not None:
@@ -1155,7 +504,7 @@ class KernelHashingAttention(DenseAttention):
 
     def decode(self, x, state):
         q, k, v = self._heads(x)
-        seed = _kh_hash(self.seed, 0)  # the eval-mode estimate
+        seed = kh_hash(self.seed, 0)  # the eval-mode estimate
         if state is None:  # a prefix: the full pass gives every position its estimate
             return self._out(kernel_hashing_attention(q, k, v, *self._knobs(), seed, backend=self.backend)), (k, v)
         k, v = torch.cat([state[0], k], dim=2), torch.cat([state[1], v], dim=2)
@@ -1169,7 +518,7 @@ class KernelHashingAttention(DenseAttention):
         bound: samples that fall in the query's own block are counted too)."""
         c, b, m = self.min_seq_len, self.bucket_block, self.samples
         n = sum(min(c, T - s0) * (min(c, T - s0) + 1) // 2 for s0 in range(0, T, c))
-        for _, s, P in _kh_levels(T, c):
+        for _, s, P in kh_levels(T, c):
             for pair in range(P):
                 nq = min(s, T - pair * 2 * s - s)
                 n += nq * (s if s <= b else min(b + m, s))
@@ -1184,7 +533,7 @@ class KernelHashingAttention(DenseAttention):
         c, b, m = self.min_seq_len, self.bucket_block, self.samples
         if T <= c:
             return super().attn_flops_per_token(T)
-        keys = c + sum(s if s <= b else min(b + m, s) for _, s, _ in _kh_levels(T, c))
+        keys = c + sum(s if s <= b else min(b + m, s) for _, s, _ in kh_levels(T, c))
         return 12 * self.c_proj.in_features * keys
 
 
@@ -1245,44 +594,9 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 # block is selected by the same rule from the same cached tensors, so greedy cached generation
 # equals full recompute; O(S d + n (d + r) + (k+2) B d) per token at context S.
 #
-# Two paths for the selected-block attention: batched gather + softmax in PyTorch (CPU, and
-# whenever the kernel cannot run), and the Triton block-sparse flash attention of
-# kernels/adaptive_sparse.py (forward and backward; per-query-block index lists, causal mask in
-# the diagonal block) on CUDA for B >= 16, a power of two. Scoring and correction are PyTorch.
-
-
-def _as_kernel(t):
-    """The Triton block-sparse attention for a CUDA tensor, None otherwise (imported lazily)."""
-    if not t.is_cuda:
-        return None
-    try:
-        from kernels.adaptive_sparse import block_sparse_attention
-    except ImportError:
-        return None
-    return block_sparse_attention
-
-
-def as_block_sparse_attention_torch(q, k, v, idx, bias, block, q_block0=0):
-    """Selected-block attention by gathering the listed key blocks. q: (B, H, nq*block, D) for the
-    query blocks q_block0.., k, v: (B, H, nk*block, D); idx, bias: (B, H, nq, n_slots) key-block
-    ids (-1 = empty) and per-slot logit bias. Every query block must list its own block."""
-    B, H, Tq, D = q.shape
-    nq, n_slots = idx.shape[2], idx.shape[3]
-    nk = k.shape[2] // block
-    # row of each listed block in the flattened (B*H*nk, block*D) key table; index_select's
-    # backward is one index_add_, much faster than advanced indexing's
-    head = torch.arange(B * H, device=q.device).view(B, H, 1, 1) * nk
-    rows = (head + idx.clamp(min=0)).reshape(-1)
-    kg = k.reshape(B * H * nk, block * D).index_select(0, rows).view(B, H, nq, n_slots * block, D)
-    vg = v.reshape(B * H * nk, block * D).index_select(0, rows).view(B, H, nq, n_slots * block, D)
-    att = (q.view(B, H, nq, block, D) @ kg.transpose(-1, -2)) * (1.0 / math.sqrt(D))
-    att = att + bias.to(att.dtype).repeat_interleave(block, dim=-1).unsqueeze(-2)
-    offs = torch.arange(block, device=q.device)
-    qpos = (q_block0 + torch.arange(nq, device=q.device)).view(nq, 1) * block + offs  # (nq, block)
-    kpos = (idx.unsqueeze(-1) * block + offs).view(B, H, nq, 1, n_slots * block)
-    listed = (idx >= 0).repeat_interleave(block, dim=-1).view(B, H, nq, 1, n_slots * block)
-    att = att.masked_fill(~(listed & (kpos <= qpos.view(nq, block, 1))), float("-inf"))
-    return (att.softmax(-1) @ vg).view(B, H, Tq, D)
+# kernels/adaptive_sparse.py: scoring, selection and correction in PyTorch; the selected-block
+# attention by batched gather + softmax in PyTorch, or in Triton (block-sparse flash attention,
+# forward and backward) on CUDA for B >= 16, a power of two.
 
 
 class AdaptiveSparseAttention(nn.Module):
@@ -1323,85 +637,12 @@ class AdaptiveSparseAttention(nn.Module):
     _heads = DenseAttention._heads  # the same c_attn / c_proj head layout as dense
     _out = DenseAttention._out
 
-    def _n_slots(self, n_blocks):
-        """Selected slots per query block: every candidate can be kept unless k_max caps it."""
-        n = max(n_blocks - 2, 0)
-        return n if self.k_max is None else min(self.k_max, n)
-
-    def score_and_select(self, q_prev, kbar, vbar, q_block0, correction=True):
-        """Scoring, top-p selection and the correction for query blocks q_block0.. (q_prev: their
-        previous block's mean query, (B, H, nq, D); kbar, vbar: (B, H, nk, D) block means).
-        Returns sel (B, H, nq, k): kept candidate ids, best first, -1 = none; st (B, H, nq, k):
-        the straight-through bias of those slots; c (B, H, nq, D) the correction, or None."""
-        B, H, nq, D = q_prev.shape
-        nk = kbar.shape[2]
-        k = min(nk, self._n_slots(q_block0 + nq))  # the most candidates any of these blocks has
-        dev = q_prev.device
-        dt = torch.promote_types(q_prev.dtype, torch.float32)
-        if k == 0:  # at most two blocks: nothing to score, nothing dropped
-            empty = torch.zeros(B, H, nq, 0, device=dev)
-            return empty.long(), empty.to(dt), q_prev.new_zeros(B, H, nq, D, dtype=dt) if correction else None
-        with torch.autocast(dev.type, enabled=False):
-            temp = self.score_log_temp.to(dt).exp().view(H, 1, 1) / math.sqrt(D)
-            sq = torch.einsum("bhnd,hdr->bhnr", q_prev.to(dt), self.score_q.to(dt)) * temp
-            sk = torch.einsum("bhnd,hdr->bhnr", kbar.to(dt), self.score_k.to(dt))
-            i = torch.arange(q_block0, q_block0 + nq, device=dev).view(nq, 1)
-            cand = torch.arange(nk, device=dev) <= i - 2  # fully past and not forced: (nq, nk)
-            with torch.no_grad():  # the ranking is discrete: no graph through the (nq, nk) scores
-                s = (sq @ sk.transpose(-1, -2)).masked_fill_(~cand, -1e9)  # finite: rows without candidates stay NaN-free
-                top = s.topk(k, dim=-1).indices  # best first; ranked by s, not pi, which can underflow to 0
-                pi = s.softmax(-1)
-                del s
-                top_p = pi.gather(-1, top)
-                rank = torch.arange(k, device=dev)
-                valid = (rank < (i - 1).clamp(min=0)) & (top <= i - 2)  # a real candidate at rank r
-                if self.threshold >= 1.0:
-                    keep = valid.expand(B, H, nq, k)
-                else:
-                    mass_before = top_p.cumsum(-1) - top_p  # mass of the better-ranked blocks
-                    keep = valid & ((rank < self.k_min) | (mass_before < self.threshold))
-            sel = torch.where(keep, top, torch.full_like(top, -1))
-            # straight-through bias: value 0, gradient of log pi at the kept blocks. log pi_ij =
-            # s_ij - logsumexp_j s_ij, and the logsumexp's gradient is pi, so sq_i . (pi_i @ sk)
-            # (pi held constant) has the same first-order gradient at a cost of O(nq nk r).
-            rows = (torch.arange(B * H, device=dev).view(B, H, 1, 1) * nk + top).reshape(-1)
-            sk_top = sk.reshape(B * H * nk, -1).index_select(0, rows).view(B, H, nq, k, -1)
-            log_pi = (sq.unsqueeze(-2) * sk_top).sum(-1) - (sq * (pi @ sk)).sum(-1, keepdim=True)
-            st = torch.where(keep, log_pi - log_pi.detach(), torch.zeros_like(log_pi))
-            if not correction:
-                return sel, st, None
-            # correction: each query block attends (scorer logits s_ij) over the pooled values of its
-            # dropped candidates plus a null slot of logit 0 and value 0
-            mask = torch.zeros(B, H, nq, nk + 2, dtype=torch.bool, device=dev)
-            mask[..., 0] = True  # null slot
-            mask[..., 1:nk + 1] = cand
-            mask.scatter_(-1, torch.where(keep, top + 1, nk + 1), False)  # remove the kept ones
-            width = max(D, sq.shape[-1])  # equal q/k/v widths keep SDPA on its fused kernel
-            pad = lambda t, n: F.pad(t, (0, width - t.shape[-1], n, 0))
-            c = F.scaled_dot_product_attention(pad(sq, 0), pad(sk, 1), pad(vbar.to(dt), 1),
-                                               attn_mask=mask[..., :nk + 1], scale=1.0)[..., :D]
-        return sel, st, c
-
     select_chunks, select_min_blocks = 4, 64  # query-block chunking of the (nq, nk) scores
 
-    def _select_in_chunks(self, q_prev, kbar, vbar, q_block0, correction):
-        """score_and_select over up to select_chunks ranges of query blocks, each against only the
-        key blocks it can see (the score matrix is block-lower-triangular): about half the work."""
-        nq = q_prev.shape[2]
-        k = self._n_slots(q_block0 + nq)
-        per = max(self.select_min_blocks, -(-nq // self.select_chunks))
-        sels, sts, cs = [], [], []
-        for a in range(0, nq, per):
-            e = min(nq, a + per)
-            width = max(q_block0 + e - 2, 0)  # candidates of the chunk's last block: j <= q_block0+e-3
-            sel, st, c = self.score_and_select(q_prev[:, :, a:e], kbar[:, :, :width], vbar[:, :, :width],
-                                               q_block0 + a, correction)
-            sels.append(F.pad(sel, (0, k - sel.shape[-1]), value=-1))  # same number of slots everywhere
-            sts.append(F.pad(st, (0, k - st.shape[-1])))
-            cs.append(c)
-        if len(sels) == 1:
-            return sels[0], sts[0], cs[0]
-        return torch.cat(sels, 2), torch.cat(sts, 2), torch.cat(cs, 2) if correction else None
+    def scorer(self):
+        """The scorer's parameters and the selection rule, for adaptive_sparse_attention."""
+        return Scorer(self.score_q, self.score_k, self.score_log_temp, self.threshold, self.k_min, self.k_max,
+                      self.select_chunks, self.select_min_blocks)
 
     def _gates(self, x):
         """(g_sel, g_cmp), each (B, H, T, 1); None in the dense-equivalent setting."""
@@ -1411,47 +652,10 @@ class AdaptiveSparseAttention(nn.Module):
         g = torch.sigmoid(self.gate(x)).view(B, T, 2, self.n_head).permute(2, 0, 3, 1).unsqueeze(-1)
         return g[0], g[1]
 
-    def _mix(self, q, k, v, gates, q0):
-        """Outputs (B, H, S - q0, D) for the queries at positions q0..S-1 of q, k, v (B, H, S, D),
-        plus the kept counts (B, H, nq) of the query blocks computed and their ids (nq,)."""
-        B, H, S, D = k.shape
-        Bk = self.block
-        nb = -(-S // Bk)
-        i0 = q0 // Bk  # first query block computed
-        pad = nb * Bk - S
-        qp, kp, vp = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, k, v))
-        kbar = kp.view(B, H, nb, Bk, D).mean(3)  # only complete blocks (j <= i-2) are ever used
-        vbar = vp.view(B, H, nb, Bk, D).mean(3)
-        q_prev = qp.view(B, H, nb, Bk, D).mean(3)[:, :, max(i0 - 1, 0):nb - 1]  # previous block's mean query
-        if i0 == 0:  # block 0 has no previous block (and no candidates): a zero placeholder
-            q_prev = torch.cat([q_prev.new_zeros(B, H, 1, D), q_prev], 2)
-        nq = nb - i0
-        sel, st, c = self._select_in_chunks(q_prev, kbar, vbar, i0, correction=gates is not None)
-        blocks = torch.arange(i0, nb, device=q.device)
-        forced = torch.stack([torch.where(blocks > 0, blocks - 1, -1), blocks], -1).expand(B, H, nq, 2)
-        idx = torch.cat([sel, forced], -1)  # slots: kept candidates, previous block, own block
-        bias = torch.cat([st, st.new_zeros(B, H, nq, 2)], -1)
-        kernel = _as_kernel(q) if Bk >= 16 and Bk & (Bk - 1) == 0 and i0 == 0 else None
-        if kernel is not None:
-            o = kernel(q, k, v, idx, bias, Bk)
-        else:
-            o = as_block_sparse_attention_torch(qp[:, :, i0 * Bk:] if i0 else qp, kp, vp, idx, bias, Bk, i0)
-        kept = (sel >= 0).sum(-1)
-        if q0 == 0 and pad == 0:  # the usual forward: rows are whole blocks, no slicing needed
-            if gates is not None:  # every token of block i gets its block's correction, gated per token
-                g_sel, g_cmp = (g.view(B, H, nq, Bk, 1) for g in gates)
-                o = o.view(B, H, nq, Bk, D) * g_sel + g_cmp * c.to(o.dtype).unsqueeze(3)
-            return o.view(B, H, S, D), kept, blocks
-        rows = slice(q0 - i0 * Bk, S - i0 * Bk)
-        o = o[:, :, rows]
-        if gates is not None:
-            o = gates[0] * o + gates[1] * c.to(o.dtype).repeat_interleave(Bk, dim=2)[:, :, rows]
-        return o, kept, blocks
-
     def forward(self, x):
         q, k, v = self._heads(x)
         gates = self._gates(x)
-        o, kept, blocks = self._mix(q, k, v, gates, 0)
+        o, kept, blocks = adaptive_sparse_attention(q, k, v, gates, 0, self.block, self.scorer())
         self.last_kept = kept.detach()  # (B, H, n_blocks): scored blocks kept per query block
         with torch.no_grad():  # diagnostics for extra_metrics (kept on device, read at evaluation)
             attended = kept + (blocks > 0).long() + 1  # kept candidates + previous + own block
@@ -1469,7 +673,7 @@ class AdaptiveSparseAttention(nn.Module):
         if state is not None:  # append to the cache of queries, keys and values
             q0 = state[0].shape[2]
             q, k, v = (torch.cat([s, t], 2) for s, t in zip(state, (q, k, v)))
-        o, _, _ = self._mix(q, k, v, self._gates(x), q0)
+        o, _, _ = adaptive_sparse_attention(q, k, v, self._gates(x), q0, self.block, self.scorer())
         return self._out(o), (q, k, v)
 
     def extra_metrics(self):
@@ -1483,7 +687,7 @@ class AdaptiveSparseAttention(nn.Module):
         # attention per token, plus per query block (shared by its B tokens) the scores, the
         # straight-through pi @ sk, and the correction (logits and values at width max(d, r))
         nb = -(-T // self.block)
-        keys = min(T, (self._n_slots(nb) + 2) * self.block)
+        keys = min(T, (n_slots(nb, self.k_max) + 2) * self.block)
         width = max(self.head_dim, self.score_dim)
         per_block = nb * 2 * self.score_dim + (0 if self.gate is None else nb * 2 * width)
         return 12 * self.c_proj.in_features * keys + 6 * self.n_head * per_block / self.block
@@ -1494,33 +698,6 @@ ATTENTION["adaptive-sparse"] = AdaptiveSparseAttention
 # --------------------------------------------------------------------------------------
 # generative-function: a parameter-free causal comparison in place of attention
 # --------------------------------------------------------------------------------------
-
-try:  # fused Triton kernels, used on CUDA only
-    from kernels import generative as gf_kernels
-except ImportError:
-    gf_kernels = None
-
-
-def gf_compare(x, prev, mean, fn):
-    """y = f(x, prev[, mean]) elementwise, f in {min, max, mean}. Returns (y, took_prev,
-    took_mean): boolean maps of where prev / mean won (None for f = mean or no mean).
-
-    Ties of min/max: the gradient goes whole to ONE argument, the first in the order
-    (x, prev, mean) -- a later argument must be strictly smaller (larger) to win, and
-    torch.where routes the gradient to the winner only (torch.minimum would split a tie
-    in halves). The Triton kernels apply the same rule."""
-    if fn == "mean":
-        y = (x + prev) / 2.0 if mean is None else (x + prev + mean) / 3.0
-        return y, None, None
-    beats = torch.lt if fn == "min" else torch.gt
-    took_prev = beats(prev, x)
-    y = torch.where(took_prev, prev, x)
-    took_mean = None
-    if mean is not None:
-        took_mean = beats(mean, y)
-        y = torch.where(took_mean, mean, y)
-    return y, took_prev, took_mean
-
 
 class CausalGenerativeFunction(nn.Module):
     """The generative function of Hilsenbek (2024) on (B, T, D), no parameters:
@@ -1539,17 +716,7 @@ class CausalGenerativeFunction(nn.Module):
         self.last_stats = {}  # share of channels where x_{t-1} / m_t won, from the last eval pass
 
     def forward(self, x):
-        use_triton = self.use_triton if self.use_triton is not None else (x.is_cuda and gf_kernels is not None)
-        if use_triton:
-            y, won = gf_kernels.generative_function(x, self.fn, self.avg_context)
-            took_prev, took_mean = (None, None) if won is None else (won == 1, won == 2)
-        else:
-            prev = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # x_{t-1}; the first token meets itself
-            mean = None
-            if self.avg_context:  # causal running mean: position t sees x_0..x_t only
-                n = torch.arange(1, x.size(1) + 1, device=x.device, dtype=x.dtype)
-                mean = x.cumsum(dim=1) / n[:, None]
-            y, took_prev, took_mean = gf_compare(x, prev, mean, self.fn)
+        y, took_prev, took_mean = causal_generative_function(x, self.fn, self.avg_context, self.use_triton)
         if not self.training:
             self._record(took_prev, took_mean)
         return y
@@ -1603,7 +770,7 @@ class GenerativeFunction(nn.Module):
     layers reach L tokens back; the running mean is the only longer-range path. The
     extra_metrics are the shares of channels where x_{t-1} and m_t won (last eval batch).
     On CUDA the shift, compare and running mean are one fused Triton kernel
-    (kernels/generative.py), forward and backward; on CPU the PyTorch path below runs.
+    (kernels/generative.py), forward and backward; elsewhere its PyTorch path runs.
 
     Cost per layer: O(T C) time for the mixing (plus O(T C^2) for W_o); memory O(T C),
     an int8 (B, T, C) map of winners (or bool masks) kept for the backward; no T x T

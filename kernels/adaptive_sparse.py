@@ -1,4 +1,14 @@
-"""Triton block-sparse flash attention for the adaptive-sparse block (AdaptiveSparseAttention in model.py).
+"""Adaptive-sparse attention (AdaptiveSparseAttention in model.py): how it is computed.
+
+    reference (PyTorch)  score_and_select: block scores, top-p selection, the straight-through bias
+                         and the correction (PyTorch on every device); n_slots
+    CPU-fast path        as_block_sparse_attention_torch: the selected-block attention by gathering
+                         the listed key blocks (batched gather + softmax)
+    entry point          adaptive_sparse_attention: selection (in query-block chunks), then the
+                         selected-block attention (Triton on CUDA, the gather path otherwise), gates
+    Triton kernels       block_sparse_attention: block-sparse flash attention, below
+
+Triton kernels: block-sparse flash attention.
 
 Tokens are split into blocks of BLOCK. Query block i attends to the key blocks listed in
 idx[b, h, i, :] (-1 marks an empty slot), each listed block with one logit bias per slot; the
@@ -16,10 +26,185 @@ tl.dot needs tiles of at least 16: BLOCK >= 16, a power of two (the model falls 
 PyTorch path otherwise). Inputs may be float32 or bfloat16; softmax statistics are float32.
 """
 import math
+from typing import NamedTuple, Optional
 
 import torch
-import triton
-import triton.language as tl
+import torch.nn.functional as F
+
+from kernels._triton import HAS_TRITON, tl, triton
+
+# ------------------------------------------------------------------------------- reference (PyTorch)
+
+class Scorer(NamedTuple):
+    """The learned block scorer and the selection rule: score_q, score_k (H, d, r) projections, log_temp
+    (H,) log-temperatures; keep the top-p (threshold) mass, at least k_min, at most k_max (None: no
+    cap) candidates. The (nq, nk) scores are computed in up to `chunks` ranges of at least
+    `min_blocks` query blocks."""
+    score_q: torch.Tensor
+    score_k: torch.Tensor
+    log_temp: torch.Tensor
+    threshold: float
+    k_min: int
+    k_max: Optional[int]
+    chunks: int = 4
+    min_blocks: int = 64
+
+
+def n_slots(n_blocks, k_max):
+    """Selected slots per query block: every candidate can be kept unless k_max caps it."""
+    n = max(n_blocks - 2, 0)
+    return n if k_max is None else min(k_max, n)
+
+
+def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
+    """Scoring, top-p selection and the correction for query blocks q_block0.. (q_prev: their
+    previous block's mean query, (B, H, nq, D); kbar, vbar: (B, H, nk, D) block means).
+    Returns sel (B, H, nq, k): kept candidate ids, best first, -1 = none; st (B, H, nq, k):
+    the straight-through bias of those slots; c (B, H, nq, D) the correction, or None."""
+    B, H, nq, D = q_prev.shape
+    nk = kbar.shape[2]
+    k = min(nk, n_slots(q_block0 + nq, scorer.k_max))  # the most candidates any of these blocks has
+    dev = q_prev.device
+    dt = torch.promote_types(q_prev.dtype, torch.float32)
+    if k == 0:  # at most two blocks: nothing to score, nothing dropped
+        empty = torch.zeros(B, H, nq, 0, device=dev)
+        return empty.long(), empty.to(dt), q_prev.new_zeros(B, H, nq, D, dtype=dt) if correction else None
+    with torch.autocast(dev.type, enabled=False):
+        temp = scorer.log_temp.to(dt).exp().view(H, 1, 1) / math.sqrt(D)
+        sq = torch.einsum("bhnd,hdr->bhnr", q_prev.to(dt), scorer.score_q.to(dt)) * temp
+        sk = torch.einsum("bhnd,hdr->bhnr", kbar.to(dt), scorer.score_k.to(dt))
+        i = torch.arange(q_block0, q_block0 + nq, device=dev).view(nq, 1)
+        cand = torch.arange(nk, device=dev) <= i - 2  # fully past and not forced: (nq, nk)
+        with torch.no_grad():  # the ranking is discrete: no graph through the (nq, nk) scores
+            s = (sq @ sk.transpose(-1, -2)).masked_fill_(~cand, -1e9)  # finite: rows without candidates stay NaN-free
+            top = s.topk(k, dim=-1).indices  # best first; ranked by s, not pi, which can underflow to 0
+            pi = s.softmax(-1)
+            del s
+            top_p = pi.gather(-1, top)
+            rank = torch.arange(k, device=dev)
+            valid = (rank < (i - 1).clamp(min=0)) & (top <= i - 2)  # a real candidate at rank r
+            if scorer.threshold >= 1.0:
+                keep = valid.expand(B, H, nq, k)
+            else:
+                mass_before = top_p.cumsum(-1) - top_p  # mass of the better-ranked blocks
+                keep = valid & ((rank < scorer.k_min) | (mass_before < scorer.threshold))
+        sel = torch.where(keep, top, torch.full_like(top, -1))
+        # straight-through bias: value 0, gradient of log pi at the kept blocks. log pi_ij =
+        # s_ij - logsumexp_j s_ij, and the logsumexp's gradient is pi, so sq_i . (pi_i @ sk)
+        # (pi held constant) has the same first-order gradient at a cost of O(nq nk r).
+        rows = (torch.arange(B * H, device=dev).view(B, H, 1, 1) * nk + top).reshape(-1)
+        sk_top = sk.reshape(B * H * nk, -1).index_select(0, rows).view(B, H, nq, k, -1)
+        log_pi = (sq.unsqueeze(-2) * sk_top).sum(-1) - (sq * (pi @ sk)).sum(-1, keepdim=True)
+        st = torch.where(keep, log_pi - log_pi.detach(), torch.zeros_like(log_pi))
+        if not correction:
+            return sel, st, None
+        # correction: each query block attends (scorer logits s_ij) over the pooled values of its
+        # dropped candidates plus a null slot of logit 0 and value 0
+        mask = torch.zeros(B, H, nq, nk + 2, dtype=torch.bool, device=dev)
+        mask[..., 0] = True  # null slot
+        mask[..., 1:nk + 1] = cand
+        mask.scatter_(-1, torch.where(keep, top + 1, nk + 1), False)  # remove the kept ones
+        width = max(D, sq.shape[-1])  # equal q/k/v widths keep SDPA on its fused kernel
+        pad = lambda t, n: F.pad(t, (0, width - t.shape[-1], n, 0))
+        c = F.scaled_dot_product_attention(pad(sq, 0), pad(sk, 1), pad(vbar.to(dt), 1),
+                                           attn_mask=mask[..., :nk + 1], scale=1.0)[..., :D]
+    return sel, st, c
+
+
+def _select_in_chunks(q_prev, kbar, vbar, q_block0, scorer, correction):
+    """score_and_select over up to scorer.chunks ranges of query blocks, each against only the
+    key blocks it can see (the score matrix is block-lower-triangular): about half the work."""
+    nq = q_prev.shape[2]
+    k = n_slots(q_block0 + nq, scorer.k_max)
+    per = max(scorer.min_blocks, -(-nq // scorer.chunks))
+    sels, sts, cs = [], [], []
+    for a in range(0, nq, per):
+        e = min(nq, a + per)
+        width = max(q_block0 + e - 2, 0)  # candidates of the chunk's last block: j <= q_block0+e-3
+        sel, st, c = score_and_select(q_prev[:, :, a:e], kbar[:, :, :width], vbar[:, :, :width], q_block0 + a,
+                                      scorer, correction)
+        sels.append(F.pad(sel, (0, k - sel.shape[-1]), value=-1))  # same number of slots everywhere
+        sts.append(F.pad(st, (0, k - st.shape[-1])))
+        cs.append(c)
+    if len(sels) == 1:
+        return sels[0], sts[0], cs[0]
+    return torch.cat(sels, 2), torch.cat(sts, 2), torch.cat(cs, 2) if correction else None
+
+
+# ------------------------------------------------------------------------------- CPU-fast path
+
+def as_block_sparse_attention_torch(q, k, v, idx, bias, block, q_block0=0):
+    """Selected-block attention by gathering the listed key blocks. q: (B, H, nq*block, D) for the
+    query blocks q_block0.., k, v: (B, H, nk*block, D); idx, bias: (B, H, nq, n_slots) key-block
+    ids (-1 = empty) and per-slot logit bias. Every query block must list its own block."""
+    B, H, Tq, D = q.shape
+    nq, n_slots = idx.shape[2], idx.shape[3]
+    nk = k.shape[2] // block
+    # row of each listed block in the flattened (B*H*nk, block*D) key table; index_select's
+    # backward is one index_add_, much faster than advanced indexing's
+    head = torch.arange(B * H, device=q.device).view(B, H, 1, 1) * nk
+    rows = (head + idx.clamp(min=0)).reshape(-1)
+    kg = k.reshape(B * H * nk, block * D).index_select(0, rows).view(B, H, nq, n_slots * block, D)
+    vg = v.reshape(B * H * nk, block * D).index_select(0, rows).view(B, H, nq, n_slots * block, D)
+    att = (q.view(B, H, nq, block, D) @ kg.transpose(-1, -2)) * (1.0 / math.sqrt(D))
+    att = att + bias.to(att.dtype).repeat_interleave(block, dim=-1).unsqueeze(-2)
+    offs = torch.arange(block, device=q.device)
+    qpos = (q_block0 + torch.arange(nq, device=q.device)).view(nq, 1) * block + offs  # (nq, block)
+    kpos = (idx.unsqueeze(-1) * block + offs).view(B, H, nq, 1, n_slots * block)
+    listed = (idx >= 0).repeat_interleave(block, dim=-1).view(B, H, nq, 1, n_slots * block)
+    att = att.masked_fill(~(listed & (kpos <= qpos.view(nq, block, 1))), float("-inf"))
+    return (att.softmax(-1) @ vg).view(B, H, Tq, D)
+
+
+# ------------------------------------------------------------------------------- entry point
+
+def _kernel_for(t):
+    """The Triton block-sparse attention for a CUDA tensor when triton is installed, None otherwise."""
+    return block_sparse_attention if t.is_cuda and HAS_TRITON else None
+
+
+def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer):
+    """The adaptive-sparse mixing of the queries at positions q0..S-1 of q, k, v (B, H, S, D):
+    outputs (B, H, S - q0, D), the kept counts (B, H, nq) of the query blocks computed and their
+    ids (nq,). gates: (g_sel, g_cmp), each (B, H, S - q0, 1), or None (no correction); scorer:
+    a Scorer. The selected-block attention runs the Triton kernel on CUDA for block >= 16, a power
+    of two (and q0 < block), as_block_sparse_attention_torch otherwise."""
+    B, H, S, D = k.shape
+    Bk = block
+    nb = -(-S // Bk)
+    i0 = q0 // Bk  # first query block computed
+    pad = nb * Bk - S
+    qp, kp, vp = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, k, v))
+    kbar = kp.view(B, H, nb, Bk, D).mean(3)  # only complete blocks (j <= i-2) are ever used
+    vbar = vp.view(B, H, nb, Bk, D).mean(3)
+    q_prev = qp.view(B, H, nb, Bk, D).mean(3)[:, :, max(i0 - 1, 0):nb - 1]  # previous block's mean query
+    if i0 == 0:  # block 0 has no previous block (and no candidates): a zero placeholder
+        q_prev = torch.cat([q_prev.new_zeros(B, H, 1, D), q_prev], 2)
+    nq = nb - i0
+    sel, st, c = _select_in_chunks(q_prev, kbar, vbar, i0, scorer, correction=gates is not None)
+    blocks = torch.arange(i0, nb, device=q.device)
+    forced = torch.stack([torch.where(blocks > 0, blocks - 1, -1), blocks], -1).expand(B, H, nq, 2)
+    idx = torch.cat([sel, forced], -1)  # slots: kept candidates, previous block, own block
+    bias = torch.cat([st, st.new_zeros(B, H, nq, 2)], -1)
+    kernel = _kernel_for(q) if Bk >= 16 and Bk & (Bk - 1) == 0 and i0 == 0 else None
+    if kernel is not None:
+        o = kernel(q, k, v, idx, bias, Bk)
+    else:
+        o = as_block_sparse_attention_torch(qp[:, :, i0 * Bk:] if i0 else qp, kp, vp, idx, bias, Bk, i0)
+    kept = (sel >= 0).sum(-1)
+    if q0 == 0 and pad == 0:  # the usual forward: rows are whole blocks, no slicing needed
+        if gates is not None:  # every token of block i gets its block's correction, gated per token
+            g_sel, g_cmp = (g.view(B, H, nq, Bk, 1) for g in gates)
+            o = o.view(B, H, nq, Bk, D) * g_sel + g_cmp * c.to(o.dtype).unsqueeze(3)
+        return o.view(B, H, S, D), kept, blocks
+    rows = slice(q0 - i0 * Bk, S - i0 * Bk)
+    o = o[:, :, rows]
+    if gates is not None:
+        o = gates[0] * o + gates[1] * c.to(o.dtype).repeat_interleave(Bk, dim=2)[:, :, rows]
+    return o, kept, blocks
+
+
+# ------------------------------------------------------------------------------- Triton kernels
 
 # float32 dots in full IEEE precision: Triton's default, TF32, keeps 10 mantissa bits of each
 # operand on the tensor cores (the interpreter would hide it). Ignored for bfloat16 operands.

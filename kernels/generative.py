@@ -1,4 +1,12 @@
-"""Triton kernels for the generative-function block (Hilsenbek, "Breaking the Attention
+"""The causal generative function (GenerativeFunction and ACTIVATION["generative"] in model.py):
+how it is computed.
+
+    reference (PyTorch)  gf_compare (the elementwise f, tie rule included) and generative_function_torch
+    CPU-fast path        the reference: one shift, one cumulative sum and a few elementwise ops
+    entry point          causal_generative_function: the fused kernels on CUDA, PyTorch elsewhere
+    Triton kernels       generative_function (GenerativeFunctionTriton): forward and backward, below
+
+Triton kernels for the generative-function block (Hilsenbek, "Breaking the Attention
 Bottleneck", 2024): the shift, the comparison and the running mean fused into one pass.
 
     p_t = x_{t-1} (p_0 = x_0)          m_t = (x_0 + ... + x_t) / (t + 1)
@@ -10,7 +18,7 @@ the backward needs only that and dy, not x.
 
 Gradient at ties of min/max: the whole gradient goes to ONE argument, the first in the
 order (x_t, x_{t-1}, m_t); a later argument wins only if it is strictly smaller (larger).
-torch.minimum would split a tie in halves; the PyTorch path in model.py uses the same
+torch.minimum would split a tie in halves; the PyTorch path above uses the same
 strict comparisons and torch.where, so both paths agree exactly. So
 
     dx_t = dy_t [won_t = 0] + dy_{t+1} [won_{t+1} = 1] + sum_{s >= t} dy_s [won_s = 2] / (s + 1)
@@ -24,8 +32,60 @@ tile independent); with it the span is the whole sequence and a running sum carr
 between chunks (forward left to right, backward right to left), tl.cumsum inside a chunk.
 """
 import torch
-import triton
-import triton.language as tl
+
+from kernels._triton import HAS_TRITON, tl, triton
+
+# ------------------------------------------------------------------------------- reference (PyTorch)
+
+def gf_compare(x, prev, mean, fn):
+    """y = f(x, prev[, mean]) elementwise, f in {min, max, mean}. Returns (y, took_prev,
+    took_mean): boolean maps of where prev / mean won (None for f = mean or no mean).
+
+    Ties of min/max: the gradient goes whole to ONE argument, the first in the order
+    (x, prev, mean) -- a later argument must be strictly smaller (larger) to win, and
+    torch.where routes the gradient to the winner only (torch.minimum would split a tie
+    in halves). The Triton kernels apply the same rule."""
+    if fn == "mean":
+        y = (x + prev) / 2.0 if mean is None else (x + prev + mean) / 3.0
+        return y, None, None
+    beats = torch.lt if fn == "min" else torch.gt
+    took_prev = beats(prev, x)
+    y = torch.where(took_prev, prev, x)
+    took_mean = None
+    if mean is not None:
+        took_mean = beats(mean, y)
+        y = torch.where(took_mean, mean, y)
+    return y, took_prev, took_mean
+
+
+def generative_function_torch(x, fn, avg_context):
+    """y_t = f(x_t, x_{t-1}[, m_t]) on (B, T, C) in PyTorch; returns gf_compare's (y, took_prev, took_mean)."""
+    prev = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # x_{t-1}; the first token meets itself
+    mean = None
+    if avg_context:  # causal running mean: position t sees x_0..x_t only
+        n = torch.arange(1, x.size(1) + 1, device=x.device, dtype=x.dtype)
+        mean = x.cumsum(dim=1) / n[:, None]
+    return gf_compare(x, prev, mean, fn)
+
+
+# ------------------------------------------------------------------------------- CPU-fast path
+# generative_function_torch above: elementwise, nothing to chunk or fuse on a CPU
+
+# ------------------------------------------------------------------------------- entry point
+
+def causal_generative_function(x, fn, avg_context, use_triton=None):
+    """y_t = f(x_t, x_{t-1}[, m_t]) on (B, T, C). Returns (y, took_prev, took_mean): boolean maps of
+    where x_{t-1} / m_t won (None for f = mean). use_triton None: the fused kernels on CUDA when
+    triton is installed; True/False forces a path."""
+    if use_triton is None:
+        use_triton = x.is_cuda and HAS_TRITON
+    if not use_triton:
+        return generative_function_torch(x, fn, avg_context)
+    y, won = generative_function(x, fn, avg_context)
+    return (y, None, None) if won is None else (y, won == 1, won == 2)
+
+
+# ------------------------------------------------------------------------------- Triton kernels
 
 FN_CODE = {"min": 0, "max": 1, "mean": 2}
 BLOCK_T, BLOCK_C = 32, 32  # tile: tokens x channels (8 elements a thread at 4 warps)

@@ -1,4 +1,16 @@
-"""Gathered-block attention for the kernel-hashing block (model.py, section "kernel-hashing").
+"""The kernel-hashing estimate of causal attention (KernelHashingAttention in model.py): how it is computed.
+
+    reference (PyTorch)  hashes (kh_hash), hyperplanes, Gray ranks and per-level plans (key blocks
+                         and samples), shared by every path; kernel_hashing_log_weights: the
+                         estimator written densely, O(T^2), for tests and diagnostics
+    CPU-fast path        _kh_pieces / _KHAttend: every (chunk or level) piece gathered and scored
+                         with batched matmuls, one softmax over its pieces per query, merged through
+                         the row LSEs; the backward recomputes the scores piece by piece
+    entry point          kernel_hashing_attention (training and prefill: Triton on CUDA, the
+                         PyTorch pieces elsewhere); kernel_hashing_query (one query, for decoding)
+    Triton kernels       gathered_block_attention: one kernel for the chunks and each level, below
+
+Triton kernels: gathered-block attention.
 
 A *tile* is a group g, a run of query rows in that group's sorted query order and a range of
 keys. Each query row is "active" in exactly one tile, and that tile gives it its whole
@@ -15,9 +27,378 @@ dS_ij = P_ij (dO_i . v_j - D_i) where D_i = dO_i . O_i - dLSE_i. Block keys may 
 a few tiles (atomic adds); sampled keys are shared by every tile of a group, so their
 gradients go to one partial per tile and are summed by the wrapper.
 """
+import math
+
 import torch
-import triton
-import triton.language as tl
+import torch.nn.functional as F
+
+from kernels._triton import HAS_TRITON, tl, triton
+
+# ------------------------------------------------------------------------------- reference (PyTorch)
+
+_KH_M32 = 0xFFFFFFFF
+_KH_GOLDEN = 0x9E3779B9
+
+
+def _kh_mix(x):
+    """xorshift-multiply mixer of 32-bit words held in int64 tensors. Every multiplier is
+    below 2**31, so no product leaves int64 and CPU and CUDA agree bit for bit."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _KH_M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _KH_M32
+    return x ^ (x >> 16)
+
+
+def kh_hash(first, *fields):
+    """Counter-based random 32-bit words: a hash of integer fields (ints or int64 tensors,
+    broadcast together). The same fields give the same word on any device and in any batch."""
+    h = _kh_mix((torch.as_tensor(first, dtype=torch.long) & _KH_M32) ^ _KH_GOLDEN)
+    for f in fields:
+        h = _kh_mix(((h ^ (f & _KH_M32)) + _KH_GOLDEN) & _KH_M32)
+    return h
+
+
+def _kh_planes(seed, level, B, H, d, r, device):
+    """Gaussian hyperplanes (B, H, d, r) for angular LSH at one level (Box-Muller on hashed words)."""
+    bi = torch.arange(B, device=device).view(B, 1, 1)
+    hi = torch.arange(H, device=device).view(1, H, 1)
+    e = torch.arange(d * r, device=device).view(1, 1, d * r)
+    u1 = (kh_hash(seed, 1, level, bi, hi, 2 * e).float() + 0.5) / 2**32  # in (0, 1]
+    u2 = kh_hash(seed, 1, level, bi, hi, 2 * e + 1).float() / 2**32
+    return (torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)).view(B, H, d, r)
+
+
+def _kh_gray_rank(proj):
+    """Bucket of each vector from its r hyperplane projections (..., r): the signs read as a Gray
+    code, returned as its rank, so buckets adjacent in rank differ in one hyperplane."""
+    binary = (proj > 0).long().cumsum(-1) & 1  # Gray -> binary, most significant bit first
+    weights = 2 ** torch.arange(proj.shape[-1] - 1, -1, -1, device=proj.device)
+    return (binary * weights).sum(-1)
+
+
+def _kh_level_ranks(q, k, level, seed, r):
+    """Gray ranks of q (B, H, Nq, d) and k (B, H, Nk, d) under the hyperplanes of one level."""
+    B, H, _, d = q.shape
+    planes = _kh_planes(seed, level, B, H, d, r, q.device)
+    return _kh_gray_rank(torch.matmul(q.float(), planes)), _kh_gray_rank(torch.matmul(k.float(), planes))
+
+
+def _kh_plan(rq, rk, level, pairs, qpos, seed, block, samples):
+    """Key blocks and samples for P past rectangles at one level.
+
+    rq (B, H, P, SQ): Gray ranks of the rectangles' queries, at local positions qpos (SQ,) within
+    the second half; rk (B, H, P, SK): ranks of their keys (the first halves); pairs (P,): the
+    rectangles' indices at this level. Keys are sorted by rank (ties by position) and cut into
+    blocks of `block`. A query goes to the key block at its own place in that order: after the
+    keys of lower rank, and among keys of its own rank at the fraction of the half it sits at.
+    That place depends on the query itself and past keys only, which keeps the block causal.
+    Samples: `samples` keys per rectangle drawn uniformly without replacement, weight SK/m. All is
+    a function of (seed, level, pair, batch row, head, position), so a prefix of a sequence gets
+    the plan of the whole sequence (which cached decoding relies on). Integer tensors over
+    G = B*H*P groups: q_kb (G, SQ), k_order, k_kb (G, SK), s_idx, s_kb (G, m) or None.
+    """
+    B, H, P, SQ = rq.shape
+    SK = rk.shape[3]
+    G, dev = B * H * P, rq.device
+    rq, rk = rq.reshape(G, SQ).contiguous(), rk.reshape(G, SK).contiguous()
+    ar = torch.arange(SK, device=dev)
+    sorted_key, k_order = (rk * SK + ar).sort(dim=1)
+    rk_sorted = sorted_key // SK
+    lo = torch.searchsorted(rk_sorted, rq)
+    hi = torch.searchsorted(rk_sorted, rq, right=True)
+    place = lo + (hi - lo) * (2 * qpos + 1) // (2 * SK)
+    q_kb = place.clamp(max=SK - 1) // block
+    k_kb = torch.empty_like(k_order).scatter_(1, k_order, ar.expand(G, SK)) // block
+    m = 0 if SK <= block else min(samples, SK)  # one block holds every key: nothing left to sample
+    plan = dict(q_kb=q_kb, k_order=k_order, k_kb=k_kb, s_idx=None, s_kb=None, block=block, log_w=0.0)
+    if m > 0:
+        assert SK < 2**24
+        words = kh_hash(seed, 2, level, torch.arange(B, device=dev).view(B, 1, 1, 1),
+                         torch.arange(H, device=dev).view(1, H, 1, 1), pairs.view(1, 1, P, 1), ar)
+        s_idx = ((words << 24) | ar).topk(m, dim=-1).indices.reshape(G, m)  # distinct keys: no ties
+        plan.update(s_idx=s_idx, s_kb=k_kb.gather(1, s_idx), log_w=math.log(SK / m))
+    return plan
+
+
+def kh_levels(T, c):
+    """Dyadic layout from position 0: chunks of c, then rectangles of side s = c*2^l at level l.
+    Yields (level, s, number of rectangles whose query half holds a real position)."""
+    level, s = 0, c
+    while s < T:
+        yield level, s, -(-(T - s) // (2 * s))
+        level, s = level + 1, 2 * s
+
+
+def kernel_hashing_log_weights(q, k, min_seq_len, bucket_block, samples, hash_bits, seed):
+    """The estimator written densely: (B, H, T, T) additive log-weights W such that the block's
+    output is softmax(q k^T / sqrt(d) + W) v. W is 0 on entries computed exactly (the query's
+    chunk, causally, and its key block in each past rectangle), log(n/m) on sampled entries
+    outside that block, -inf elsewhere. O(T^2): for tests and diagnostics only."""
+    B, H, T, d = q.shape
+    c, dev = min_seq_len, q.device
+    W = torch.full((B, H, T, T), float("-inf"), dtype=q.dtype, device=dev)
+    for start in range(0, T, c):
+        n = min(c, T - start)
+        W[:, :, start:start + n, start:start + n] = torch.zeros(n, n, dtype=q.dtype, device=dev).masked_fill(
+            ~torch.ones(n, n, dtype=torch.bool, device=dev).tril(), float("-inf"))
+    for level, s, P in kh_levels(T, c):
+        for pair in range(P):
+            k0, q0 = pair * 2 * s, pair * 2 * s + s
+            nq = min(s, T - q0)
+            rq, rk = _kh_level_ranks(q[:, :, q0:q0 + nq], k[:, :, k0:k0 + s], level, seed, hash_bits)
+            plan = _kh_plan(rq[:, :, None], rk[:, :, None], level, torch.tensor([pair], device=dev),
+                            torch.arange(nq, device=dev), seed, bucket_block, samples)
+            W[:, :, q0:q0 + nq, k0:k0 + s] = _kh_plan_log_weights(plan, q.dtype).view(B, H, nq, s)
+    return W
+
+
+def _kh_plan_log_weights(plan, dtype=torch.float32):
+    """One level's plan written densely: (G, SQ, SK) log-weights, 0 on the query's key block,
+    log(n/m) on sampled keys outside it, -inf elsewhere."""
+    same = plan["k_kb"][:, None, :] == plan["q_kb"][:, :, None]
+    w = torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill(~same, float("-inf"))
+    if plan["s_idx"] is not None:
+        sampled = torch.zeros(plan["k_kb"].shape, dtype=torch.bool, device=same.device)
+        sampled.scatter_(1, plan["s_idx"], True)
+        w = w.masked_fill(sampled[:, None, :] & ~same, plan["log_w"])
+    return w
+
+
+# ------------------------------------------------------------------------------- CPU-fast path
+
+def _kh_tiles(q_kb, rows, nb):
+    """Sort queries by key block and cut the sorted order into chunks of `rows`; a tile is a
+    (chunk, key block) pair that at least one query of the chunk needs, so each query is active
+    in exactly one tile. Returns q_order, kb_sorted (G, SQ), tile_g, tile_chunk, tile_kb (NT,)."""
+    G, SQ = q_kb.shape
+    kb_sorted, q_order = q_kb.sort(dim=1, stable=True)
+    nch = -(-SQ // rows)
+    chunk = torch.arange(G, device=q_kb.device)[:, None] * nch + torch.arange(SQ, device=q_kb.device) // rows
+    uniq = torch.unique_consecutive((chunk * nb + kb_sorted).flatten())
+    tile_chunk, tile_kb = uniq // nb, uniq % nb
+    return q_order, kb_sorted, tile_chunk // nch, tile_chunk, tile_kb
+
+
+def _kh_pieces(plan, q_rows, k_rows):
+    """A level's plan as gathered pieces for _kh_attend: q_rows (G, SQ) and k_rows (G, SK) map each
+    rectangle's local queries and keys to rows of the flattened q and k.
+    A piece: rows_q (NT, R), rows_k (NT, K) (None: the first NT*R rows in order), mask
+    (broadcastable to (NT, R, K), True = scored) and bias (added to every score)."""
+    G, SQ = q_rows.shape
+    SK, b = k_rows.shape[1], plan["block"]
+    nb, nch = -(-SK // b), -(-SQ // b)
+    q_order, kb_sorted, tile_g, tile_chunk, tile_kb = _kh_tiles(plan["q_kb"], b, nb)
+    qo = F.pad(q_order, (0, nch * b - SQ))  # padding rows point at query 0 and stay inactive
+    kbs = F.pad(kb_sorted, (0, nch * b - SQ), value=-1)
+    ko = F.pad(plan["k_order"], (0, nb * b - SK))
+    real_key = (torch.arange(nb * b, device=q_rows.device) < SK).view(nb, b)[tile_kb]
+    active = kbs.view(G * nch, b)[tile_chunk] == tile_kb[:, None]
+    pieces = [dict(rows_q=q_rows.gather(1, qo).view(G * nch, b)[tile_chunk],
+                   rows_k=k_rows.gather(1, ko).view(G * nb, b)[tile_g * nb + tile_kb],
+                   mask=active[:, :, None] & real_key[:, None, :], bias=0.0)]
+    if plan["s_idx"] is not None:  # sampled keys, minus those in the query's own block
+        pieces.append(dict(rows_q=q_rows, rows_k=k_rows.gather(1, plan["s_idx"]),
+                           mask=plan["s_kb"][:, None, :] != plan["q_kb"][:, :, None], bias=plan["log_w"]))
+    return pieces
+
+
+def _kh_take(x, rows, nt, r):
+    return x.view(nt, r, x.shape[-1]) if rows is None else x.index_select(0, rows.flatten()).view(nt, r, -1)
+
+
+def _kh_put(acc, rows, val):
+    if rows is None:
+        acc[:val.shape[0] * val.shape[1]] += val.flatten(0, 1)
+    else:
+        acc.index_put_((rows.flatten(),), val.flatten(0, 1), accumulate=True)
+
+
+def _kh_scores(qf, kf, piece, scale):
+    nt, r = piece["rows_q"].shape if piece["rows_q"] is not None else piece["shape"]
+    kk = piece["rows_k"].shape[1] if piece["rows_k"] is not None else r
+    qt, kt = _kh_take(qf, piece["rows_q"], nt, r), _kh_take(kf, piece["rows_k"], nt, kk)
+    s = torch.baddbmm(torch.full((), piece["bias"], dtype=qt.dtype, device=qt.device), qt, kt.transpose(1, 2),
+                      alpha=scale)
+    if piece["mask"] is not None:
+        s = s.masked_fill(~piece["mask"], float("-inf"))
+    return s, qt, kt
+
+
+def _kh_row_lse(n, pieces, row_lse):
+    """Combine per-piece row log-sum-exps into one per row (rows may appear in several pieces)."""
+    top = torch.full((n,), float("-inf"), dtype=row_lse[0].dtype, device=row_lse[0].device)
+    for pc, l in zip(pieces, row_lse):
+        rows = pc["rows_q"]
+        if rows is None:
+            top[:l.numel()] = torch.maximum(top[:l.numel()], l.flatten())
+        else:
+            top.scatter_reduce_(0, rows.flatten(), l.flatten(), "amax")
+    top = top.clamp_min(-1e30)
+    total = torch.zeros(n, dtype=top.dtype, device=top.device)
+    for pc, l in zip(pieces, row_lse):
+        rows = pc["rows_q"]
+        if rows is None:
+            total[:l.numel()] += torch.exp(l.flatten() - top[:l.numel()])
+        else:
+            total.index_add_(0, rows.flatten(), torch.exp(l.flatten() - top[rows.flatten()]))
+    return top + torch.log(total)
+
+
+def _kh_attend(qf, kf, vf, pieces, scale):
+    """Softmax attention of each query row over the union of its pieces' keys (disjoint per row):
+    qf (Nq, d), kf, vf (Nk, d) -> o (Nq, d), lse (Nq,), and the first piece's row lse."""
+    scores = [_kh_scores(qf, kf, pc, scale)[0] for pc in pieces]
+    row_lse = [torch.logsumexp(s, -1) for s in scores]
+    lse = _kh_row_lse(qf.shape[0], pieces, row_lse)
+    o = torch.zeros(qf.shape[0], vf.shape[1], dtype=vf.dtype, device=vf.device)
+    for pc, s in zip(pieces, scores):
+        nt, r, kk = s.shape
+        p = torch.exp(s - _kh_take(lse[:, None], pc["rows_q"], nt, r))
+        _kh_put(o, pc["rows_q"], torch.bmm(p, _kh_take(vf, pc["rows_k"], nt, kk)))
+    return o, lse, row_lse[0]
+
+
+class _KHAttend(torch.autograd.Function):
+    """_kh_attend with a backward that recomputes the scores piece by piece (flash-style), so the
+    saved state is q, k, v, o and the row lse: O(T d) memory however many pieces there are."""
+
+    @staticmethod
+    def forward(ctx, qf, kf, vf, pieces, scale):
+        o, lse, lse0 = _kh_attend(qf, kf, vf, pieces, scale)
+        ctx.save_for_backward(qf, kf, vf, o, lse)
+        ctx.pieces, ctx.scale = pieces, scale
+        ctx.mark_non_differentiable(lse, lse0)
+        return o, lse, lse0
+
+    @staticmethod
+    def backward(ctx, do, _dlse, _dlse0):
+        qf, kf, vf, o, lse = ctx.saved_tensors
+        do = do.contiguous()
+        delta = (do * o).sum(-1, keepdim=True)
+        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        for pc in ctx.pieces:
+            s, qt, kt = _kh_scores(qf, kf, pc, ctx.scale)
+            nt, r, kk = s.shape
+            p = torch.exp(s - _kh_take(lse[:, None], pc["rows_q"], nt, r))
+            dot, vt = _kh_take(do, pc["rows_q"], nt, r), _kh_take(vf, pc["rows_k"], nt, kk)
+            _kh_put(dv, pc["rows_k"], torch.bmm(p.transpose(1, 2), dot))
+            ds = p * (torch.bmm(dot, vt.transpose(1, 2)) - _kh_take(delta, pc["rows_q"], nt, r))
+            _kh_put(dq, pc["rows_q"], torch.bmm(ds, kt))
+            _kh_put(dk, pc["rows_k"], torch.bmm(ds.transpose(1, 2), qt))
+        return dq * ctx.scale, dk * ctx.scale, dv, None, None
+
+
+def _kh_merge(o1, lse1, o2, lse2):
+    """Combine two partial softmaxes over disjoint key sets through their log-sum-exps."""
+    lse = torch.logaddexp(lse1, lse2)
+    return o1 * torch.exp(lse1 - lse)[..., None] + o2 * torch.exp(lse2 - lse)[..., None], lse
+
+
+# ------------------------------------------------------------------------------- entry point
+
+def _kh_rect_triton(q, k, v, plan, scale):
+    """Triton path of one level: q (G, SQ, d), k, v (G, SK, d) -> o (G, SQ, d), lse (G, SQ)."""
+    G, SQ, _ = q.shape
+    b = plan["block"]
+    rows = rows_per_tile(b)
+    q_order, kb_sorted, tile_g, tile_chunk, tile_kb = _kh_tiles(plan["q_kb"], rows, -(-k.shape[1] // b))
+    tile_q0 = tile_chunk % -(-SQ // rows) * rows
+    return gathered_block_attention(q, k, v, q_order, kb_sorted, plan["k_order"], plan["s_idx"], plan["s_kb"],
+                                         tile_g, tile_q0, tile_kb, b, plan["log_w"], scale, False, rows)
+
+
+def _kh_diag_triton(q, k, v, c, scale):
+    """Exact causal attention inside consecutive chunks of c tokens, Triton: (o, lse) over (B, H, Tp)."""
+    B, H, Tp, d = q.shape
+    G, rows = B * H * (Tp // c), rows_per_tile(c)
+    sub = -(-c // rows)
+    tile_g = torch.arange(G, device=q.device).repeat_interleave(sub)
+    tile_q0 = (torch.arange(sub, device=q.device) * rows).repeat(G)
+    o, lse = gathered_block_attention(q.reshape(G, c, d), k.reshape(G, c, d), v.reshape(G, c, d), None, None,
+                                           None, None, None, tile_g, tile_q0, torch.zeros_like(tile_g), c, 0.0,
+                                           scale, True, rows)
+    return o.view(B, H, Tp, d), lse.view(B, H, Tp)
+
+
+def kernel_hashing_attention(q, k, v, min_seq_len, bucket_block, samples, hash_bits, seed,
+                             backend="auto", stats=None):
+    """The kernel-hashing estimate of causal softmax attention. q, k, v (B, H, T, d) -> (B, H, T, d).
+    seed: an int or int64 tensor that fixes every hash plane and sample. backend: 'auto' (Triton
+    on CUDA when available), 'torch' or 'triton'. stats: a dict to receive 'approx_mass', the
+    mean softmax weight that queries past the first chunk give to the approximated rectangles."""
+    B, H, T, d = q.shape
+    c, scale = min_seq_len, d ** -0.5
+    if T <= c and stats is None:  # short sequence: exact attention
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda and HAS_TRITON)
+    Tp = c << max(0, (-(-T // c) - 1).bit_length())  # c times a power of two >= T
+    q, k, v = (F.pad(t, (0, 0, 0, Tp - T)).contiguous() for t in (q, k, v))
+    levels = list(kh_levels(T, c))
+    plans = []
+    with torch.no_grad():  # hashing and sampling: no gradient
+        r, dev = hash_bits, q.device
+        planes = torch.cat([_kh_planes(seed, lv, B, H, d, r, dev) for lv, _, _ in levels], -1) if levels else None
+        pq = torch.matmul(q.float(), planes) if levels else None  # every level's projections at once
+        pk = torch.matmul(k.float(), planes) if levels else None
+        for level, s, P in levels:
+            n = Tp // (2 * s)
+            rq = _kh_gray_rank(pq[..., level * r:(level + 1) * r]).view(B, H, n, 2, s)[:, :, :P, 1]
+            rk = _kh_gray_rank(pk[..., level * r:(level + 1) * r]).view(B, H, n, 2, s)[:, :, :P, 0]
+            plans.append(_kh_plan(rq, rk, level, torch.arange(P, device=dev), torch.arange(s, device=dev),
+                                  seed, bucket_block, samples))
+    if use_triton:
+        o, lse = _kh_diag_triton(q, k, v, c, scale)
+        lse_diag = lse
+        for (level, s, P), plan in zip(levels, plans):
+            n = Tp // (2 * s)
+            q6, k6, v6 = (t.view(B, H, n, 2, s, d) for t in (q, k, v))
+            o_r, lse_r = _kh_rect_triton(q6[:, :, :P, 1].reshape(-1, s, d), k6[:, :, :P, 0].reshape(-1, s, d),
+                                         v6[:, :, :P, 0].reshape(-1, s, d), plan, scale)
+            o6, l5 = o.view(B, H, n, 2, s, d), lse.view(B, H, n, 2, s)
+            o_m, l_m = _kh_merge(o6[:, :, :P, 1], l5[:, :, :P, 1], o_r.view(B, H, P, s, d), lse_r.view(B, H, P, s))
+            o = torch.stack([o6[:, :, :, 0], torch.cat([o_m, o6[:, :, P:, 1]], 2)], 3).view(B, H, Tp, d)
+            lse = torch.stack([l5[:, :, :, 0], torch.cat([l_m, l5[:, :, P:, 1]], 2)], 3).view(B, H, Tp)
+    else:
+        pieces = [dict(rows_q=None, rows_k=None, shape=(B * H * Tp // c, c), bias=0.0,
+                       mask=torch.ones(c, c, dtype=torch.bool, device=q.device).tril()[None])]
+        with torch.no_grad():
+            base = torch.arange(B * H, device=q.device).view(B * H, 1, 1) * Tp
+            for (level, s, P), plan in zip(levels, plans):
+                rows = base + torch.arange(P, device=q.device).view(1, P, 1) * 2 * s + torch.arange(s, device=q.device)
+                pieces += _kh_pieces(plan, (rows + s).view(-1, s), rows.view(-1, s))
+        o, lse, lse_diag = _KHAttend.apply(q.view(-1, d), k.view(-1, d), v.view(-1, d), pieces, scale)
+        o, lse, lse_diag = o.view(B, H, Tp, d), lse.view(B, H, Tp), lse_diag.view(B, H, Tp)
+    if stats is not None:
+        with torch.no_grad():
+            w = 1 - torch.exp(lse_diag[:, :, c:T] - lse[:, :, c:T])
+            stats["approx_mass"] = w.mean().item() if w.numel() else 0.0
+    return o[:, :, :T]
+
+
+def kernel_hashing_query(q, k, v, min_seq_len, bucket_block, samples, hash_bits, seed):
+    """The same estimate for one query at the last position: q (B, H, 1, d), k, v (B, H, S, d).
+    Hashes and samples only the past rectangles this query sees; used by decoding."""
+    B, H, S, d = k.shape
+    c, i, dev = min_seq_len, S - 1, q.device
+    ci = i // c
+    bh = torch.arange(B * H, device=dev)[:, None]
+    pieces = [dict(rows_q=bh, rows_k=bh * S + torch.arange(ci * c, S, device=dev), mask=None, bias=0.0)]
+    for level in range(ci.bit_length()):
+        if not (ci >> level) & 1:
+            continue  # this query sits in the first half at this level
+        s = c << level
+        pair = i // (2 * s)
+        kr = k[:, :, pair * 2 * s:pair * 2 * s + s]
+        rq, rk = _kh_level_ranks(q, kr, level, seed, hash_bits)
+        plan = _kh_plan(rq[:, :, None], rk[:, :, None], level, torch.tensor([pair], device=dev),
+                        torch.tensor([i - pair * 2 * s - s], device=dev), seed, bucket_block, samples)
+        pieces += _kh_pieces(plan, bh, bh * S + pair * 2 * s + torch.arange(s, device=dev))
+    o, _, _ = _kh_attend(q.reshape(B * H, d), k.reshape(B * H * S, d), v.reshape(B * H * S, d), pieces, d ** -0.5)
+    return o.view(B, H, 1, d)
+
+
+# ------------------------------------------------------------------------------- Triton kernels
 
 # float32 dots in full IEEE precision: Triton's default, TF32, keeps 10 mantissa bits of each
 # operand on the tensor cores (the interpreter would hide it). Ignored for bfloat16 operands.

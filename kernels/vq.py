@@ -1,6 +1,18 @@
-"""Triton kernels for the Transformer-VQ block (`--attention=vq`, model.py section "vq").
+"""Transformer-VQ's attention (`--attention=vq`, VQGatedUnit in model.py): how it is computed.
 
-They compute the block-wise attention of one quantized-key head, given the compressive
+    reference (PyTorch)  vq_compressive_cache + vq_block_attention_torch: block by block, a cache per
+                         block (what the Triton kernels compute); straight_through, the quantizer's STE
+    CPU-fast path        vq_chunk_attention_torch: chunk by chunk (G blocks), a cache per chunk; rms_norm
+    entry point          vq_attention: the Triton kernels on CUDA, the chunked path elsewhere
+    Triton kernels       vq_block_attention (VQBlockAttention): forward and backward, below
+
+The chunked path, C = G L positions per chunk: its queries score key by key the block before the
+chunk and the chunk itself (q . k^_j = q . c_z_j gives an old key the logit its code has in the
+cache); only blocks older than that go through a cache kept per chunk. Time O(T (L + S + C) d),
+memory O(T d + (T/C) S d_v): fewer, larger matrix products and a cache G times smaller than block
+by block, which is what makes it fast on a CPU.
+
+Triton kernels. They compute the block-wise attention of one quantized-key head, given the compressive
 cache already built (per-code counts and value sums by cumulative sums over blocks, in PyTorch):
 
     for a query i of block r (rows r*L .. r*L+L-1 of a sequence padded to R*L):
@@ -21,8 +33,290 @@ codebook (H, S, DK); counts N (B*H, R, S); value sums U (B*H, R, S, DV).
 The gradient of U reaches v in PyTorch. No two programs write the same element: no atomics.
 """
 import torch
-import triton
-import triton.language as tl
+import torch.nn.functional as F
+
+from kernels._triton import HAS_TRITON, tl, triton
+
+# ------------------------------------------------------------------------------- reference (PyTorch)
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: exactly the codewords. Backward: the gradient goes to the keys unchanged."""
+
+    @staticmethod
+    def forward(ctx, k, codewords):
+        return codewords.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def straight_through(k, codewords):
+    """Straight-through estimator: the value of the codewords, the gradient of k."""
+    return _StraightThrough.apply(k, codewords)
+
+
+def vq_compressive_cache(z, v, S, L):
+    """Per-block cache of the keys in blocks <= r-2, by cumulative sums over blocks: counts
+    N (B, H, R, S) per code and value sums U (B, H, R, S, d_v) (differentiable in v).
+    z (B, H, R*L) codes, v (B, H, R*L, d_v) values."""
+    Tp = z.shape[2]
+    # key t enters at block t//L + 2, so that the inclusive sum at block r covers blocks 0..r-2
+    return _cache(z, v, torch.arange(Tp, device=z.device) // L + 2, Tp // L, S)
+
+
+def vq_block_attention_torch(q, k, v, bias, codebook, counts, sums, L):
+    """Block-wise attention, PyTorch. Same arguments as VQBlockAttention below:
+    q, k (B, H, R*L, d_k), v (B, H, R*L, d_v), bias (B, H, R*L, L+1) or None (no position bias),
+    codebook (H, S, d_k), counts N (B, H, R, S), value sums U (B, H, R, S, d_v). Returns (B, H, R*L, d_v)."""
+    B, H, Tp, dk = q.shape
+    R, dv = Tp // L, v.shape[-1]
+    qb, kb, vb = q.view(B, H, R, L, dk), k.view(B, H, R, L, dk), v.view(B, H, R, L, dv)
+    i = torch.arange(L, device=q.device)
+    dist = i[:, None] - i[None, :]  # query-to-key distance inside a block; L more to the previous one
+    # logits against the block itself and against the previous one (none for block 0)
+    s_cur = qb @ kb.transpose(-1, -2)  # (B, H, R, L, L)
+    s_prev = F.pad(qb[:, :, 1:] @ kb[:, :, :-1].transpose(-1, -2), (0, 0, 0, 0, 1, 0), value=float("-inf"))
+    if bias is not None:
+        bias = bias.view(B, H, R, L, L + 1)
+        s_cur = s_cur + torch.gather(bias, -1, dist.clamp(min=0).expand(B, H, R, L, L))
+        s_prev = s_prev + torch.gather(bias, -1, (dist + L).clamp(max=L).expand(B, H, R, L, L)) * (dist <= 0)
+    s_cur = s_cur.masked_fill(dist < 0, float("-inf"))
+    logn = torch.where(counts > 0, counts.clamp(min=1).log(), torch.full_like(counts, float("-inf")))
+    s_cache = (q @ codebook.transpose(-1, -2)).view(B, H, R, L, -1) + logn.unsqueeze(3)
+    a = torch.softmax(torch.cat([s_prev, s_cur, s_cache], dim=-1), dim=-1)
+    a_prev, a_cur, a_cache = a.split([L, L, a.shape[-1] - 2 * L], dim=-1)
+    # cache values are the means U / N: divide the (small) weights instead of the sums
+    w_cache = a_cache / counts.clamp(min=1).unsqueeze(3)
+    S = w_cache.shape[-1]
+    o = (a_cur @ vb).view(-1, L, dv).baddbmm_(w_cache.reshape(-1, L, S), sums.reshape(-1, S, dv))
+    o = o.view(B, H, R, L, dv)
+    o[:, :, 1:] += a_prev[:, :, 1:] @ vb[:, :, :-1]
+    return o.view(B, H, Tp, dv)
+
+
+# ------------------------------------------------------------------------------- CPU-fast path
+
+class _RMSNorm(torch.autograd.Function):
+    """y = x / rms(x) * w * scale over the last dimension (w may be None), with eps inside the
+    root. The same function as F.rms_norm, in fewer passes over memory and fewer temporaries
+    than its composite CPU form (it saves x and the per-row 1/rms, not the normalised x)."""
+
+    @staticmethod
+    def forward(ctx, x, w, scale, eps):
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, r, w)
+        ctx.scale = scale
+        return x * (r * scale) if w is None else (x * r).mul_(w * scale)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, r, w = ctx.saved_tensors
+        h = dy * (r * ctx.scale)  # gradient wrt x/rms, times 1/rms
+        dw = None
+        if w is not None:
+            if ctx.needs_input_grad[1]:
+                dw = (h * x).flatten(0, -2).sum(0)
+            h = h.mul_(w)
+        # dx = (g - xhat mean(g xhat)) / rms with g the gradient wrt xhat = x / rms
+        c = torch.linalg.vecdot(h, x).unsqueeze(-1).mul_(r * r / -x.shape[-1])
+        return torch.addcmul(h, x, c), dw, None, None
+
+
+def rms_norm(x, weight=None, scale=1.0, eps=1e-6):
+    """RMSNorm over the last dimension, times an optional gain and a constant scale."""
+    if x.is_cuda:  # fused there
+        return F.rms_norm(x, (x.shape[-1],), weight, eps=eps) * scale
+    return _RMSNorm.apply(x, weight, scale, eps)
+
+
+def _scan(x, reverse=False, G=4):
+    """Inclusive cumulative sum of x (N, R, M) over R (from the end if reverse), as a few
+    matmuls: a lower-triangular (G, G) matrix sums inside chunks of G rows, and the chunk
+    totals are scanned recursively. torch.cumsum over a middle dimension is far slower on CPU."""
+    N, R, M = x.shape
+    if x.is_cuda:  # fast there, and exact (the matmul below could run in TF32)
+        return x.flip(1).cumsum(1).flip(1) if reverse else x.cumsum(1)
+    if R == 1:
+        return x
+    G = min(G, R)
+    C = -(-R // G)
+    xc = (F.pad(x, (0, 0, 0, C * G - R)) if C * G > R else x).reshape(N, C, G, M)
+    tri = torch.ones(G, G, device=x.device, dtype=x.dtype)
+    tri = tri.triu() if reverse else tri.tril()
+    y = tri @ xc  # scan inside each chunk, (N, C, G, M)
+    if C > 1:
+        tot = y[:, :, 0] if reverse else y[:, :, -1]  # chunk totals, (N, C, M)
+        y += (_scan(tot, reverse, G) - tot).unsqueeze(2)  # plus the exclusive scan of the totals
+    return y.view(N, C * G, M)[:, :R]
+
+
+class _CacheSums(torch.autograd.Function):
+    """Value sums U (N, R, S, d_v) per cache row r and code s, from values v (N, T, d_v) with
+    codes z (N, T): position t counts in rows r >= first[t] (first (T,) non-decreasing). Forward:
+    an index_add at row first[t], then a cumulative sum over rows. Backward: the reverse
+    cumulative sum, read back at each position's row (zero where first[t] >= R)."""
+
+    @staticmethod
+    def forward(ctx, v, z, first, R, S):
+        N, T, dv = v.shape
+        n_rows = max(R, int(first.max()) + 1)  # rows past R take the positions no row uses
+        rows = (first * S + z + torch.arange(N, device=z.device)[:, None] * (n_rows * S)).view(-1)
+        U = v.new_zeros(N * n_rows * S, dv).index_add_(0, rows, v.reshape(-1, dv))
+        ctx.save_for_backward(z, first)
+        ctx.shape = (R, S)
+        return _scan(U.view(N, -1, S * dv)[:, :R]).view(N, R, S, dv)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, first = ctx.saved_tensors
+        R, S = ctx.shape
+        N, dv, T = g.shape[0], g.shape[-1], z.shape[1]
+        g = _scan(g.reshape(N, R, S * dv), reverse=True).reshape(N * R * S, dv)
+        rows = first.clamp(max=R - 1) * S + z + torch.arange(N, device=z.device)[:, None] * (R * S)
+        dv_ = g.index_select(0, rows.view(-1)).view(N, T, dv)
+        dv_[:, int((first < R).sum()):] = 0  # positions that enter no row of the cache
+        return dv_, None, None, None, None
+
+
+def _cache(z, v, first, R, S):
+    """Counts N (B, H, R, S) and value sums U (B, H, R, S, d_v) of the positions t with
+    first[t] <= r, for z (B, H, T) codes and v (B, H, T, d_v) values (U differentiable in v)."""
+    B, H, T = z.shape
+    dv = v.shape[-1]
+    slot = first * S + z  # (B, H, T)
+    counts = torch.zeros(B, H, (int(first.max()) + 1) * S, device=z.device, dtype=v.dtype).scatter_add_(
+        2, slot, torch.ones_like(slot, dtype=v.dtype))
+    counts = counts.view(B, H, -1, S)[:, :, :R].cumsum(2)
+    sums = _CacheSums.apply(v.reshape(B * H, T, dv), z.reshape(B * H, T), first, R, S)
+    return counts, sums.view(B, H, R, S, dv)
+
+
+def _chunk_scores(x, y, L, before_first):
+    """s = x [y_before | y_chunk]^T per chunk: x, y (B, H, n, C, d) -> (B, H, n, C, L+C), where
+    y_before is the last block of the previous chunk; before_first fills the first chunk's."""
+    B, H, n, C, _ = x.shape
+    s = x.new_empty(B, H, n, C, L + C)
+    s[..., L:] = x @ y.transpose(-1, -2)
+    s[:, :, 0, :, :L] = before_first
+    s[:, :, 1:, :, :L] = x[:, :, 1:] @ y[:, :, :-1, C - L:].transpose(-1, -2)
+    return s
+
+
+def _chunk_mix(a, y, L):
+    """The product back: a [y_before | y_chunk], a (B, H, n, C, L+C) -> (B, H, n, C, d)."""
+    C = y.shape[3]
+    o = a[..., L:] @ y
+    o[:, :, 1:] += a[:, :, 1:, :, :L] @ y[:, :, :-1, C - L:]
+    return o
+
+
+def _chunk_mix_t(a, x, L):
+    """The transposed product: a^T x, each chunk's first L columns of a landing on the last
+    block of the previous chunk (nothing for the first chunk's)."""
+    C = x.shape[3]
+    o = a[..., L:].transpose(-1, -2) @ x
+    o[:, :, :-1, C - L:] += a[:, :, 1:, :, :L].transpose(-1, -2) @ x[:, :, 1:]
+    return o
+
+
+class _ChunkLogits(torch.autograd.Function):
+    """Content logits of each chunk's queries (B, H, n, C, .) against the block before the
+    chunk and the chunk itself: s (B, H, n, C, L+C), -inf before the first chunk. Backward:
+    q gets every pair's gradient; a key only the pairs inside its queries' window (own or
+    next block), since an older pair stands for a cache entry, whose key is a codeword."""
+
+    @staticmethod
+    def forward(ctx, q, k, L):
+        ctx.save_for_backward(q, k)
+        ctx.L = L
+        return _chunk_scores(q, k, L, float("-inf"))
+
+    @staticmethod
+    def backward(ctx, ds):
+        q, k = ctx.saved_tensors
+        L, C = ctx.L, q.shape[3]
+        p = torch.arange(C, device=q.device)
+        e = torch.arange(L + C, device=q.device)
+        window = e[None, :] // L >= p[:, None] // L  # key block >= query block - 1 (column e is position e - L)
+        return _chunk_mix(ds, k, L), _chunk_mix_t(ds * window, q, L), None
+
+
+class _ChunkMix(torch.autograd.Function):
+    """The values side of _ChunkLogits: o = a [v_before | v_chunk], a (B, H, n, C, L+C),
+    v (B, H, n, C, d_v), without copying the values into windows."""
+
+    @staticmethod
+    def forward(ctx, a, v, L):
+        ctx.save_for_backward(a, v)
+        ctx.L = L
+        return _chunk_mix(a, v, L)
+
+    @staticmethod
+    def backward(ctx, do):
+        a, v = ctx.saved_tensors
+        return _chunk_scores(do, v, ctx.L, 0.0), _chunk_mix_t(a, do, ctx.L), None
+
+
+def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G):
+    """Block-wise VQ attention computed chunk by chunk, the CPU path: the same result as
+    vq_block_attention_torch over vq_compressive_cache(z, v, S, L), with no per-block cache.
+    A chunk is G blocks, C = G L positions. Its queries attend key by key, with logits
+    q . k^_j, to the block before the chunk and to the chunk itself: window pairs (own and
+    previous block) with the position bias, older pairs as the cache would count them
+    (q . k^_j = q . c_z_j, no gradient to k). Blocks older than that are in a per-chunk cache
+    (counts and value sums by cumulative sums over chunks): (T/C) S d_v floats instead of
+    (T/L) S d_v, for (L + C) keys per query instead of 2L. G = 1 is the block-wise form.
+    k must hold the quantized keys (values equal to the codewords of z), as VQGatedUnit's do.
+    q, k, v (B, H, n*C, .), z (B, H, n*C), bias (B, H, n*C, L+1) or None. Returns (B, H, n*C, d_v)."""
+    B, H, Tp, dk = q.shape
+    C, S, dv = G * L, codebook.shape[1], v.shape[-1]
+    n = Tp // C
+    # the chunk cache of chunk c holds the positions t < c C - L: t enters at chunk (t + L) // C + 1
+    counts, sums = _cache(z, v, (torch.arange(Tp, device=z.device) + L) // C + 1, n, S)
+    logn = torch.where(counts > 0, counts.clamp(min=1).log(), torch.full_like(counts, float("-inf")))
+    s_cache = (q @ codebook.transpose(-1, -2)).view(B, H, n, C, S) + logn.unsqueeze(3)
+    vc = v.view(B, H, n, C, dv)
+    s_keys = _ChunkLogits.apply(q.view(B, H, n, C, dk), k.view(B, H, n, C, dk), L)  # (B, H, n, C, L+C)
+    dist = torch.arange(C, device=q.device)[:, None] + L - torch.arange(L + C, device=q.device)
+    if bias is not None:  # bias[p, d] belongs at column L + p - d: a skewed copy of the flipped bias
+        skew = F.pad(bias.view(B, H, n, C, L + 1).flip(-1), (0, C)).view(B, H, n, C * (L + C + 1))
+        s_keys = s_keys + skew[..., :C * (L + C)].view(B, H, n, C, L + C)
+    s_keys = s_keys.masked_fill(dist < 0, float("-inf"))
+    a = torch.softmax(torch.cat([s_cache, s_keys], dim=-1), dim=-1)
+    a_cache, a_keys = a.split([S, L + C], dim=-1)
+    o = _ChunkMix.apply(a_keys, vc, L) + (a_cache / counts.clamp(min=1).unsqueeze(3)) @ sums
+    return o.view(B, H, Tp, dv)
+
+
+# ------------------------------------------------------------------------------- entry point
+
+def vq_attention(q, k_hat, z, v, codebook, L, bias=None, chunk_blocks=None):
+    """Transformer-VQ attention of (B, H, T, .) queries, quantized keys k_hat with codes z,
+    and values; codebook (H, S, d_k); optional window bias (B, H, T, L+1) for distances 0..L.
+    Runs the Triton kernels on CUDA (block-wise), the chunked PyTorch path otherwise, with
+    chunks of chunk_blocks blocks (default: about S / L, so a chunk's keys cost about what
+    its cache costs). T is padded to a whole number of chunks; padding sits after every real
+    query, so it is never attended to."""
+    T = q.shape[2]
+    cuda = q.is_cuda and HAS_TRITON
+    G = 1 if cuda else chunk_blocks or max(1, min(codebook.shape[1] // L, -(-T // L)))
+    pad = -T % (G * L)
+    if pad:
+        q, k_hat, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k_hat, v))
+        z = F.pad(z, (0, pad))
+        bias = None if bias is None else F.pad(bias, (0, 0, 0, pad))
+    if cuda:
+        counts, sums = vq_compressive_cache(z, v, codebook.shape[1], L)
+        if bias is None:
+            bias = q.new_zeros(*q.shape[:3], L + 1)
+        o = vq_block_attention(q, k_hat, v, bias, codebook, counts, sums, L)
+    else:
+        o = vq_chunk_attention_torch(q, k_hat, z, v, bias, codebook, L, G)
+    return o[:, :, :T]
+
+
+# ------------------------------------------------------------------------------- Triton kernels
 
 # float32 dots in full IEEE precision: Triton's default, TF32, keeps 10 mantissa bits of each
 # operand on the tensor cores (the interpreter would hide it). Ignored for bfloat16 operands.

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model
+import kernels.adaptive_sparse as AS
 from conftest import DEVICE, ROOT, assert_causal, rel_err
 from model import ATTENTION, GPT, AdaptiveSparseAttention, DenseAttention, GPTConfig
 
@@ -142,7 +142,7 @@ def test_selection_is_valid_when_scores_are_extreme():
     q, k, v = m._heads(x)
     kbar = k.reshape(2, 2, 16, 4, 16).mean(3)
     q_prev = torch.cat([torch.zeros(2, 2, 1, 16), q.reshape(2, 2, 16, 4, 16).mean(3)[:, :, :-1]], 2)
-    sel, st, c = m.score_and_select(q_prev, kbar, kbar, 0)
+    sel, st, c = AS.score_and_select(q_prev, kbar, kbar, 0, m.scorer())
     i = torch.arange(16).view(16, 1)
     n_cand = (i - 1).clamp(min=0)
     assert ((sel < 0) | (sel <= i - 2)).all()
@@ -172,7 +172,7 @@ def test_straight_through_gradient_is_that_of_log_pi():
     kbar = torch.randn(B, H, nq, D, dtype=torch.float64, requires_grad=True)
     with torch.no_grad():
         m.score_log_temp.normal_(std=0.5)
-    sel, st, _ = m.score_and_select(q_prev, kbar, kbar.detach(), 0)
+    sel, st, _ = AS.score_and_select(q_prev, kbar, kbar.detach(), 0, m.scorer())
     assert (st == 0).all() and (sel >= 0).any()
     w = torch.randn_like(st)
     params = (q_prev, kbar, m.score_q, m.score_k, m.score_log_temp)
@@ -188,19 +188,20 @@ def test_straight_through_gradient_is_that_of_log_pi():
         assert rel_err(a, b) < 1e-10
 
 
-def test_gradcheck():
+def test_gradcheck(monkeypatch):
     torch.manual_seed(1)
     Bk, nq, D = 3, 4, 5
     q, k, v = (torch.randn(1, 2, nq * Bk, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
     idx = torch.tensor([[-1, -1, 0], [-1, 0, 1], [0, 1, 2], [-1, 2, 3]]).expand(1, 2, nq, 3)
     bias = torch.randn(1, 2, nq, 3, dtype=torch.float64, requires_grad=True)
-    f = lambda q, k, v, b: model.as_block_sparse_attention_torch(q, k, v, idx, b, Bk)
+    f = lambda q, k, v, b: AS.as_block_sparse_attention_torch(q, k, v, idx, b, Bk)
     assert torch.autograd.gradcheck(f, (q, k, v, bias), fast_mode=True)
     # the whole block, with the straight-through bias detached: its gradient is by design not
     # the derivative of the (zero) value; test_straight_through_gradient_is_that_of_log_pi checks it
     m = block(T=16, C=8, H=2, as_block=2, as_k_max=2, as_threshold=0.7).double()
-    select = m.score_and_select
-    m.score_and_select = lambda *a, **kw: (lambda s, st, c: (s, st.detach(), c))(*select(*a, **kw))
+    select = AS.score_and_select
+    monkeypatch.setattr(AS, "score_and_select",
+                        lambda *a, **kw: (lambda s, st, c: (s, st.detach(), c))(*select(*a, **kw)))
     x = torch.randn(1, 13, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(m, (x,), fast_mode=True)
 
@@ -252,7 +253,7 @@ def test_triton_kernel_matches_torch(B, H, T, D, Bk, dtype):
     o = block_sparse_attention(q, k, v, idx, bias, Bk)
     got = [o] + list(torch.autograd.grad(o, (q, k, v, bias), do))
     pad = lambda t: F.pad(t, (0, 0, 0, nq * Bk - T))
-    o_ref = model.as_block_sparse_attention_torch(pad(q), pad(k), pad(v), idx, bias, Bk)[:, :, :T]
+    o_ref = AS.as_block_sparse_attention_torch(pad(q), pad(k), pad(v), idx, bias, Bk)[:, :, :T]
     want = [o_ref] + list(torch.autograd.grad(o_ref, (q, k, v, bias), do))
     for name, a, b in zip(("o", "dq", "dk", "dv", "dbias"), got, want):
         assert torch.isfinite(a).all(), name
@@ -269,7 +270,7 @@ def test_module_on_kernel_path_matches_torch_path(monkeypatch, T):
     monkeypatch.setattr(model, "_as_kernel", lambda t: None)  # on CUDA the kernel is the default
     y_torch = m(x)
     g_torch = torch.autograd.grad(y_torch.square().sum(), [x] + params)
-    monkeypatch.setattr(model, "_as_kernel", lambda t: block_sparse_attention)
+    monkeypatch.setattr(AS, "_kernel_for", lambda t: block_sparse_attention)
     y_kernel = m(x)
     g_kernel = torch.autograd.grad(y_kernel.square().sum(), [x] + params)
     assert rel_err(y_kernel, y_torch) < 1e-3

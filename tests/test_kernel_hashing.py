@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import model as M
+import kernels.kernel_hashing as KH
 from conftest import DEVICE, assert_causal, rel_err
 from model import ATTENTION, GPT, GPTConfig
 
@@ -29,7 +29,7 @@ def qkv(B, H, T, d, dtype=torch.float64, seed=0, grad=False):
 
 def reference(q, k, v, kn, seed):
     """The same estimator written densely: softmax(q k^T / sqrt(d) + W) v, W from the same hashes and samples."""
-    W = M.kernel_hashing_log_weights(q.detach(), k.detach(), *kn, seed)
+    W = KH.kernel_hashing_log_weights(q.detach(), k.detach(), *kn, seed)
     return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + W, -1) @ v
 
 
@@ -56,7 +56,7 @@ def test_exact_at_or_below_min_seq_len():
         x = torch.randn(2, T, 32)
         assert rel_err(kh(x), dense(x)) < 1e-6
     q, k, v = qkv(1, 2, 16, 8)  # the general path (asked for stats) at T = min_seq_len is exact too
-    out = M.kernel_hashing_attention(q, k, v, *knobs(kh_min_seq_len=16), 3, backend="torch", stats={})
+    out = KH.kernel_hashing_attention(q, k, v, *knobs(kh_min_seq_len=16), 3, backend="torch", stats={})
     assert rel_err(out, F.scaled_dot_product_attention(q, k, v, is_causal=True)) < 1e-12
 
 
@@ -65,13 +65,13 @@ def test_full_budget_equals_exact_attention(T):
     """Samples covering every key (weight n/m = 1): exact attention, outputs and gradients."""
     q, k, v = qkv(2, 2, T, 8, grad=True)
     go = torch.randn(2, 2, T, 8, dtype=torch.float64)
-    out = M.kernel_hashing_attention(q, k, v, *knobs(kh_samples=T), 11, backend="torch")
+    out = KH.kernel_hashing_attention(q, k, v, *knobs(kh_samples=T), 11, backend="torch")
     exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert rel_err(out, exact) < 1e-12
     for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(exact, (q, k, v), go)):
         assert rel_err(a, b) < 1e-12
     # with a small budget the same call is a real approximation
-    small = M.kernel_hashing_attention(q, k, v, *knobs(), 11, backend="torch")
+    small = KH.kernel_hashing_attention(q, k, v, *knobs(), 11, backend="torch")
     assert rel_err(small, exact) > 1e-2
 
 
@@ -80,7 +80,7 @@ def test_matches_dense_reference_of_same_estimator(T, seed):
     """Forward and every gradient against autograd through the dense form with the same hashes and samples."""
     q, k, v = qkv(1, 3, T, 8, seed=seed, grad=True)
     go = torch.randn(1, 3, T, 8, dtype=torch.float64)
-    out = M.kernel_hashing_attention(q, k, v, *knobs(), seed, backend="torch")
+    out = KH.kernel_hashing_attention(q, k, v, *knobs(), seed, backend="torch")
     ref = reference(q, k, v, knobs(), seed)
     assert rel_err(out, ref) < 1e-10
     for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
@@ -91,10 +91,10 @@ def test_gradient_flows_through_the_merge_weights():
     """Detaching the normaliser (what public code does with the LSE) changes dq and dk: the test above would see it."""
     q, k, v = qkv(1, 2, 64, 8, seed=5, grad=True)
     go = torch.randn(1, 2, 64, 8, dtype=torch.float64)
-    W = M.kernel_hashing_log_weights(q.detach(), k.detach(), *knobs(), 5)
+    W = KH.kernel_hashing_log_weights(q.detach(), k.detach(), *knobs(), 5)
     e = torch.exp(q @ k.transpose(-1, -2) / math.sqrt(8) + W)
     detached = (e @ v) / e.sum(-1, keepdim=True).detach()
-    out = M.kernel_hashing_attention(q, k, v, *knobs(), 5, backend="torch")
+    out = KH.kernel_hashing_attention(q, k, v, *knobs(), 5, backend="torch")
     dq, dk, _ = torch.autograd.grad(out, (q, k, v), go)
     dq_bad, dk_bad, _ = torch.autograd.grad(detached, (q, k, v), go)
     assert rel_err(dq_bad, dq) > 0.1 and rel_err(dk_bad, dk) > 0.1
@@ -108,7 +108,7 @@ def test_sampled_part_is_unbiased():
     q, k, v = (t.expand(R, 1, 2 * s, 8) for t in qkv(1, 1, 2 * s, 8, seed=9))
     S = (q @ k.transpose(-1, -2) / math.sqrt(8))[..., s:, :s]  # queries s..2s-1 against keys 0..s-1
     exact_z, exact_n = S[0].exp().sum(-1), S[0].exp() @ v[0, :, :s]
-    W = M.kernel_hashing_log_weights(q, k, s, 8, 8, 3, 17)[..., s:, :s]
+    W = KH.kernel_hashing_log_weights(q, k, s, 8, 8, 3, 17)[..., s:, :s]
     assert (W == 0).sum(-1).eq(8).all() and (W > 0).any()  # a block of 8 keys exactly, some sampled keys
     e = torch.exp(S + W)
     for est, exact in ((e.sum(-1), exact_z), (e @ v[..., :s, :], exact_n)):
@@ -205,7 +205,7 @@ def test_triton_block_matches_torch(T, d, kn):
     go = torch.randn(1, 2, T, d).to(DEVICE)
     outs = {}
     for backend in ("torch", "triton"):
-        o = M.kernel_hashing_attention(q, k, v, *kn, 21, backend=backend)
+        o = KH.kernel_hashing_attention(q, k, v, *kn, 21, backend=backend)
         outs[backend] = (o, *torch.autograd.grad(o, (q, k, v), go))
     for a, b in zip(outs["triton"], outs["torch"]):
         assert not a.isnan().any()
@@ -216,14 +216,14 @@ def test_triton_kernel_takes_the_lse_gradient():
     """One level through the kernel: o and lse against the dense form, with upstream gradients on both."""
     G, s, d, block, m = 3, 23, 16, 5, 7
     q, k, v = (t[0].to(DEVICE) for t in qkv(1, G, s, d, dtype=torch.float32, seed=4, grad=False))
-    rq, rk = M._kh_level_ranks(q[None], k[None], 0, 13, 4)
-    plan = M._kh_plan(rq[:, :, None], rk[:, :, None], 0, torch.tensor([0], device=DEVICE),
+    rq, rk = KH._kh_level_ranks(q[None], k[None], 0, 13, 4)
+    plan = KH._kh_plan(rq[:, :, None], rk[:, :, None], 0, torch.tensor([0], device=DEVICE),
                       torch.arange(s, device=DEVICE), 13, block, m)
     assert plan["s_idx"] is not None
     q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
-    x = q @ k.transpose(1, 2) / math.sqrt(d) + M._kh_plan_log_weights(plan)
+    x = q @ k.transpose(1, 2) / math.sqrt(d) + KH._kh_plan_log_weights(plan)
     ref = (torch.softmax(x, -1) @ v, torch.logsumexp(x, -1))
-    got = M._kh_rect_triton(q, k, v, plan, d ** -0.5)
+    got = KH._kh_rect_triton(q, k, v, plan, d ** -0.5)
     go, gl = torch.randn(G, s, d).to(DEVICE), torch.randn(G, s).to(DEVICE)
     for a, b in zip(got, ref):
         assert rel_err(a, b) <= 1e-3

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as M
+import kernels.adaptive_sparse as AS
+import kernels.kernel_hashing as KH
+import kernels.vq as VQ
 from conftest import DEVICE, INTERPRETED, rel_err
 
 pytest.importorskip("triton")
@@ -56,12 +58,12 @@ def vq_errors(B, H, T, L, S, dk, dv, dtype, seed=0):
     k_hat = codebook[torch.arange(H, device=DEVICE)[None, :, None], z]
     q, v = randn(B, H, T, dk, g=g, dtype=dtype), randn(B, H, T, dv, g=g, dtype=dtype)
     bias = randn(B, H, T, L + 1, g=g, dtype=dtype)
-    counts, sums = M.vq_compressive_cache(z, v.double(), S, L)
+    counts, sums = VQ.vq_compressive_cache(z, v.double(), S, L)
     sums = sums.to(dtype)
     do = randn(B, H, T, dv, g=g, dtype=dtype)
     leaves = (q, k_hat, v, bias, sums)
     got = _grads(lambda q, k, v, b, u: vq_block_attention(q, k, v, b, codebook, counts, u, L), leaves, do)
-    want = _grads(lambda q, k, v, b, u: M.vq_block_attention_torch(q, k, v, b, codebook.double(), counts.double(),
+    want = _grads(lambda q, k, v, b, u: VQ.vq_block_attention_torch(q, k, v, b, codebook.double(), counts.double(),
                                                                    u, L),
                   [t.double() for t in leaves], do.double())
     return errors(got, want, ("o", "dq", "dk", "dv", "dbias", "dsums"))
@@ -99,7 +101,7 @@ def as_errors(B, H, T, D, block, dtype, seed=0):
     bias = randn(B, H, nq, 4, g=g, dtype=torch.float32)
     pad = lambda t: F.pad(t, (0, 0, 0, nq * block - T))  # noqa: E731
     got = _grads(lambda q, k, v, b: block_sparse_attention(q, k, v, idx, b, block), (q, k, v, bias), do)
-    want = _grads(lambda q, k, v, b: M.as_block_sparse_attention_torch(pad(q), pad(k), pad(v), idx, b, block)[:, :, :T],
+    want = _grads(lambda q, k, v, b: AS.as_block_sparse_attention_torch(pad(q), pad(k), pad(v), idx, b, block)[:, :, :T],
                   [t.double() for t in (q, k, v, bias)], do.double())
     return errors(got, want, ("o", "dq", "dk", "dv", "dbias"))
 
@@ -120,18 +122,18 @@ def kh_rect_errors(dtype, G=3, s=23, d=16, block=5, m=7, seed=4):
     g = torch.Generator().manual_seed(seed)
     q, k, v, do = (randn(G, s, d, g=g, dtype=dtype) for _ in range(4))
     dlse = randn(G, s, g=g, dtype=torch.float32)
-    rq, rk = M._kh_level_ranks(q[None].double(), k[None].double(), 0, 13, 4)
-    plan = M._kh_plan(rq[:, :, None], rk[:, :, None], 0, torch.tensor([0], device=DEVICE),
+    rq, rk = KH._kh_level_ranks(q[None].double(), k[None].double(), 0, 13, 4)
+    plan = KH._kh_plan(rq[:, :, None], rk[:, :, None], 0, torch.tensor([0], device=DEVICE),
                       torch.arange(s, device=DEVICE), 13, block, m)
     assert plan["s_idx"] is not None
 
     def run(q, k, v, dense):
         leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
         if dense:
-            x = leaves[0] @ leaves[1].transpose(1, 2) / math.sqrt(d) + M._kh_plan_log_weights(plan, q.dtype)
+            x = leaves[0] @ leaves[1].transpose(1, 2) / math.sqrt(d) + KH._kh_plan_log_weights(plan, q.dtype)
             o, lse = torch.softmax(x, -1) @ leaves[2], torch.logsumexp(x, -1)
         else:
-            o, lse = M._kh_rect_triton(*leaves, plan, d ** -0.5)
+            o, lse = KH._kh_rect_triton(*leaves, plan, d ** -0.5)
         grads = torch.autograd.grad((o.double() * do.double()).sum() + (lse.double() * dlse.double()).sum(), leaves)
         return [o, lse, *grads]
 
@@ -147,7 +149,7 @@ def kh_diag_errors(dtype, B=1, H=2, c=32, n=3, d=24, seed=5):
         ch = lambda t: t.reshape(B, H, n, c, d)  # noqa: E731
         return F.scaled_dot_product_attention(ch(q), ch(k), ch(v), is_causal=True).reshape(B, H, n * c, d)
 
-    got = _grads(lambda q, k, v: M._kh_diag_triton(q, k, v, c, d ** -0.5)[0], (q, k, v), do)
+    got = _grads(lambda q, k, v: KH._kh_diag_triton(q, k, v, c, d ** -0.5)[0], (q, k, v), do)
     want = _grads(dense, [t.double() for t in (q, k, v)], do.double())
     return errors(got, want, ("o", "dq", "dk", "dv"))
 
@@ -167,7 +169,7 @@ def test_kernel_hashing_whole_block_fp32():
     (bfloat16 inputs could hash differently in the two backends' arithmetic)."""
     g = torch.Generator().manual_seed(45)
     q, k, v, go = (randn(1, 2, 45, 24, g=g, dtype=torch.float32) for _ in range(4))
-    outs = [_grads(lambda q, k, v: M.kernel_hashing_attention(q, k, v, 8, 5, 6, 4, 21, backend=b), (q, k, v), go)
+    outs = [_grads(lambda q, k, v: KH.kernel_hashing_attention(q, k, v, 8, 5, 6, 4, 21, backend=b), (q, k, v), go)
             for b in ("triton", "torch")]
     assert_within(errors(outs[0], outs[1], ("o", "dq", "dk", "dv")), TOL[torch.float32])
 

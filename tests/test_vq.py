@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, assert_causal, rel_err
-from model import (GPT, GPTConfig, VQGatedUnit, _scan, rms_norm, vq_attention, vq_block_attention_torch,
-                   vq_chunk_attention_torch, vq_compressive_cache)
+from kernels.vq import (_scan, rms_norm, vq_attention, vq_block_attention_torch, vq_chunk_attention_torch,
+                        vq_compressive_cache)
+from model import GPT, GPTConfig, VQGatedUnit
 
 
 
