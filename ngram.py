@@ -30,7 +30,7 @@ import numpy as np
 DEFAULTS = dict(
     dataset="shakespeare_char",
     block_size=64,
-    eval_tokens=262144,  # tokens of val scored (windows of block_size from the start of the split)
+    eval_tokens=131072,  # tokens of val scored (as train.py's default) (windows of block_size from the start of the split)
     max_order=8,  # orders 1..max_order are tried on held-out train
     out="",  # optional: write the result as JSON here
 )

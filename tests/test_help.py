@@ -9,7 +9,8 @@ SCRIPTS = {
     "train.py": ("eval_interval", "int", "250", "Train a GPT with a chosen token-mixing block"),
     "sample.py": ("max_new_tokens", "int", "500", "Sample from a trained model"),
     "prepare_data.py": ("val_fraction", "float", "0.1", "Build a dataset"),
-    "compare.py": ("preset", "str", "'blocks'", "Quality at equal budget"),
+    "compare.py": ("preset", "str", "'blocks'", "Quality at a stated budget"),
+    "ngram.py": ("max_order", "int", "8", "The n-gram floor"),
     "bench.py": ("max_case_seconds", "float", "20.0", "Cost against sequence length"),
     "bench_decode.py": ("contexts", "str", "'512,2048,8192'", "Decoding cost against context length"),
     "diagnose.py": ("--n_seqs", "int", "8", "Check the sparsity assumption"),  # argparse
