@@ -299,6 +299,11 @@ def vq_attention(q, k_hat, z, v, codebook, L, bias=None, chunk_blocks=None):
     its cache costs). T is padded to a whole number of chunks; padding sits after every real
     query, so it is never attended to."""
     T = q.shape[2]
+    if torch.is_autocast_enabled(q.device.type):  # computed in float32, as the Triton kernels do
+        with torch.autocast(q.device.type, enabled=False):
+            f32 = (t if t is None else t.float() for t in (q, k_hat, v, codebook, bias))
+            q32, k32, v32, c32, b32 = f32
+            return vq_attention(q32, k32, z, v32, c32, L, b32, chunk_blocks)
     cuda = q.is_cuda and HAS_TRITON
     G = 1 if cuda else chunk_blocks or max(1, min(codebook.shape[1] // L, -(-T // L)))
     pad = -T % (G * L)

@@ -275,6 +275,23 @@ def test_chunked_path_equals_block_wise_path(B, H, T, L, S, G):
         assert rel_err(g, gr) < 1e-10, name
 
 
+def test_pytorch_path_under_bf16_autocast():
+    """bfloat16 autocast (a CUDA machine without Triton, or CPU): the PyTorch path computes in float32,
+    as the kernels do, so forward and backward run and equal float32 on the same bf16-rounded inputs."""
+    B, H, T, L, S = 2, 2, 45, 8, 12
+    q, k_hat, z, v, codebook = quantized_inputs(B, H, T, S, 16, 12, dtype=torch.float32, seed=3)
+    bias = torch.randn(B, H, T, L + 1)
+    bf = [t.bfloat16().requires_grad_(True) for t in (q, k_hat, v, bias)]
+    ref = [t.detach().float().requires_grad_(True) for t in bf]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vq_attention(bf[0], bf[1], z, bf[2], codebook.bfloat16(), L, bf[3])
+    want = vq_attention(ref[0], ref[1], z, ref[2], codebook.bfloat16().float(), L, ref[3])
+    assert rel_err(out.float(), want) < 1e-6
+    do = torch.randn_like(want)
+    for name, g, gr in zip("qkvb", torch.autograd.grad(out, bf, do.to(out.dtype)), torch.autograd.grad(want, ref, do)):
+        assert g.dtype == torch.bfloat16 and rel_err(g.float(), gr) < 1e-2, name
+
+
 @pytest.mark.parametrize("weight,scale", [(True, 1.0), (True, 0.5), (False, 0.3)])
 def test_rms_norm_equals_torch(weight, scale):
     torch.manual_seed(0)
