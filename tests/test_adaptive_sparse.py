@@ -267,7 +267,7 @@ def test_module_on_kernel_path_matches_torch_path(monkeypatch, T):
     m = block(C=32, H=2, as_block=16, as_k_max=1, as_threshold=0.5).to(DEVICE)
     x = torch.randn(1, T, 32).to(DEVICE).requires_grad_()
     params = [m.c_attn.weight, m.score_q, m.gate.weight]
-    monkeypatch.setattr(model, "_as_kernel", lambda t: None)  # on CUDA the kernel is the default
+    monkeypatch.setattr(AS, "_kernel_for", lambda t: None)  # on CUDA the kernel is the default
     y_torch = m(x)
     g_torch = torch.autograd.grad(y_torch.square().sum(), [x] + params)
     monkeypatch.setattr(AS, "_kernel_for", lambda t: block_sparse_attention)
