@@ -40,7 +40,7 @@ KERNEL_TESTS = ["tests/test_kernels_device.py", "tests/test_tf32_emulation.py", 
                 "tests/test_adaptive_sparse.py", "tests/test_kernel_hashing.py", "tests/test_generative.py"]
 KERNEL_SELECT = "device or tf32 or triton or kernel or tie"  # the kernel tests of the block files
 SHAPE_KEYS = {"n_layer", "n_head", "n_embd", "block_size", "dropout", "attention", "vocab_size", "batch_size",
-              "max_iters", "lr_decay_iters", "eval_iters", "gradient_accumulation_steps"}
+              "max_iters", "lr_decay_iters", "eval_tokens", "gradient_accumulation_steps"}
 
 
 class Check:
@@ -209,7 +209,7 @@ def part_train(ck, args, device):
         cmd = [sys.executable, "-m", "train", os.path.join(ROOT, "config", f"shakespeare_{base}.py"),
                f"--max_iters={n}", f"--lr_decay_iters={n}", f"--eval_interval={n}", f"--out_dir={out}"]
         if args.smoke:  # the cpu-scale model, made small enough for CI: one layer, batches of 2
-            cmd += ["--n_layer=1", "--batch_size=2"]
+            cmd += ["--n_layer=1", "--batch_size=2", "--eval_tokens=4096"]
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "WANDB_MODE": "disabled"}
         env.pop("TRITON_INTERPRET", None)
@@ -238,7 +238,7 @@ def part_train(ck, args, device):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
-    p.add_argument("--smoke", action="store_true", help="CPU, T=256, 10 iterations at cpu scale (1 layer, batch 2), no kernel tests")
+    p.add_argument("--smoke", action="store_true", help="CPU, T=256, 10 iterations at cpu scale (1 layer, batch 2, 4096 evaluation tokens), no kernel tests")
     p.add_argument("--T", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="block sequence lengths (default 8192,32768,131072; smoke 256)")
     p.add_argument("--iters", type=int, default=None, help="training iterations per config (default 60; smoke 10)")
