@@ -49,6 +49,7 @@ DEFAULTS = dict(
     max_iters=0,  # shorthand for --budget=iters --budget_value=N
     out="",  # default: results/<preset>-<scale>
     reuse=True,  # reuse a run whose metrics.jsonl already reached its budget
+    train=True,  # False: train nothing, tabulate the finished runs and name the missing ones
     floor=True,  # fit and show the n-gram floor
     wandb_log=False,
     readme=False,  # also write the table into README.md between its markers
@@ -159,6 +160,9 @@ def run_one(name, config_file, flags, cfg, o, out_dir, group):
     if o["reuse"] and same and run_finished(log, cfg):
         print(f"[{name}] reusing {out_dir}/metrics.jsonl ({log[-1]['iter']} iterations)")
         return log
+    if not o["train"]:
+        print(f"[{name}] not finished: left out (--train=False)")
+        return None
     print(f"[{name}] train.py {config_file} " + " ".join(args[3:]), flush=True)
     t0 = time.time()
     r = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -346,7 +350,7 @@ def main(argv):
     group = f"{o['preset']}-{o['scale']}-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.time()
     logs = {}
-    total, trained = (o["seeds"] - o["first_seed"]) * len(arms), []  # trained: seconds of each run that trained (not reused)
+    total, trained, missing = (o["seeds"] - o["first_seed"]) * len(arms), [], []  # trained: seconds of each run that trained (not reused)
     try:
         for seed in range(o["first_seed"], o["seeds"]):
             for a, (name, cfg_file, flags, cfg) in enumerate(arms):
@@ -355,8 +359,12 @@ def main(argv):
                 print(f"[run {k}/{total}] {name}-s{seed}{eta}", flush=True)
                 t_run = time.time()
                 flags = {**flags, "seed": cfg["seed"] + seed}
-                logs.setdefault(name, []).append(run_one(f"{name}-s{seed}", cfg_file, flags, {**cfg, "seed": cfg["seed"] + seed},
-                                                         o, os.path.join(out, f"{name}-s{seed}"), group))
+                log = run_one(f"{name}-s{seed}", cfg_file, flags, {**cfg, "seed": cfg["seed"] + seed}, o,
+                              os.path.join(out, f"{name}-s{seed}"), group)
+                if log is None:
+                    missing.append(f"{name}-s{seed}")
+                else:
+                    logs.setdefault(name, []).append((seed, log))
                 if time.time() - t_run > 1:  # a reused run takes no time and says nothing of the rest
                     trained.append(time.time() - t_run)
     except RuntimeError as e:
@@ -365,7 +373,10 @@ def main(argv):
     if o["floor"]:
         c = arms[0][3]
         floor = ngram.floor(os.path.join("data", c["dataset"]), c["block_size"], c["eval_tokens"])
-    runs = {name: [summarize(f"{name}-s{o['first_seed'] + i}", log) for i, log in enumerate(ls)] for name, ls in logs.items()}
+    if not logs:
+        configurator.fail("no finished run to tabulate")
+    runs = {name: [summarize(f"{name}-s{seed}", log) for seed, log in ls] for name, ls in logs.items()}
+    logs = {name: [log for _, log in ls] for name, ls in logs.items()}
     if o["preset"] == "batch_overfit":  # val loss at the train loss every arm of a model reaches
         for m in dict.fromkeys(n.rsplit("-", 1)[0] for n in runs):
             mine = {n: logs[n] for n in logs if n.rsplit("-", 1)[0] == m}
@@ -379,11 +390,12 @@ def main(argv):
     c0 = arms[0][3]
     budget = {"iters": "iterations", "tokens": "tokens", "seconds": "training seconds"}[o["budget"] if not o["max_iters"] else "iters"]
     title = (f"preset {o['preset']}, scale {o['scale']}, {time.strftime('%Y-%m-%d')}, {machine}; equal {budget}; "
-             f"{o['seeds']} seed(s); scored on {c0['eval_tokens'] or 'all'} val tokens in windows of {c0['block_size']}; "
+             f"up to {o['seeds']} seed(s) per arm; scored on {c0['eval_tokens'] or 'all'} val tokens in windows of {c0['block_size']}; "
              f"command: python compare.py {' '.join(argv)}")
     verdicts = overfit_verdicts(agg) if o["preset"] == "batch_overfit" else block_verdicts(agg, floor)
     text = (f"{title}\n\n{table(agg, floor)}\n\nMean ± sample std over seeds; cost columns are the median run. "
-            f"A difference counts only when it exceeds the larger seed std of the two arms.\n\n{verdicts}\n")
+            f"A difference counts only when it exceeds the larger seed std of the two arms."
+            + (f" Not finished, so left out: {', '.join(missing)}." if missing else "") + f"\n\n{verdicts}\n")
     write_csv(os.path.join(out, "results.csv"), agg)
     write_csv(os.path.join(out, "runs.csv"), [r for rs in runs.values() for r in rs])
     configurator.write_atomic(os.path.join(out, "results.md"), text)
