@@ -172,11 +172,6 @@ def test_wandb_offline_without_credentials_writes_summary(workdir, tmp_path):
     assert summary["final_ms_per_iter"] == log[-1]["ms_per_iter"]
     assert summary["peak_mem_cpu_rss_mib"] == log[-1]["peak_mem_cpu_rss_mib"]
     assert config["attention"] == "dense" and config["n_embd"] == 32 and config["max_iters"] == 20
-    # the memory key means the same with and without wandb (whose import and first log add ~90 MiB)
-    r = subprocess.run([sys.executable, "-m", "train", *args, "--out_dir=o_nowandb"], cwd=workdir,
-                       env={**env, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=600)  # the same environment
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert abs(log[-1]["peak_mem_cpu_rss_mib"] - rows(workdir, "o_nowandb")[-1]["peak_mem_cpu_rss_mib"]) < 30
 
 
 def wandb_offline_records(path):
