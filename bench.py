@@ -4,12 +4,15 @@ Cost against sequence length: forward+backward time and peak memory of every tok
     python bench.py                                   # every registered attention, one block, T = 256..32k
     python bench.py --attention=dense,vq --what=block,model --T=1024,4096 --repeats=3
     python bench.py --what=model --readme=True        # also refresh README.md's bench_model section
+    python bench.py --config=long --what=block,model --T=4096,8192,32768   # the long-context knobs and shape
 
 what=block times the token-mixing module alone, ATTENTION[name](cfg) with n_embd=256, n_head=4,
 block_size=T and the block knobs of its CPU config (config/shakespeare_<name>.py, scales['cpu']),
 on a (1, T, 256) input that requires grad, loss y.float().pow(2).mean(). what=model times the whole
 GPT (4 layers, 4 heads, 256 embd, vocab 256) on random tokens with cross-entropy (+ aux loss).
-Backward always reaches the input and every parameter.
+Backward always reaches the input and every parameter. With --config=long the knobs come from
+config/long_<name>.py and the shape (n_embd, n_head, n_layer) from those files too, so each block is
+timed exactly as compare.py --preset=long trains it.
 
 Method. Per T, all attentions are measured in one process and interleaved (round-robin over
 attentions, one fwd+bwd each), so machine drift hits all of them alike and the ratios vs dense are
@@ -72,6 +75,7 @@ threads = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
 fit_lo = 4096  # exponent fit range (inclusive), in tokens
 fit_hi = 32768
 mem_fraction = 0.8  # skip a size whose extrapolated peak memory exceeds this fraction of free memory
+config = "shakespeare"  # knobs from config/<config>_<block>.py; 'long' also takes the model shape from those files
 out = "bench_results"
 readme = False  # also replace the bench_<what> section of readme_path
 readme_path = "README.md"
@@ -92,29 +96,44 @@ class BenchError(Exception):
 # building and timing one case
 
 
-def config_path(name):
-    return os.path.join(HERE, "config", f"shakespeare_{CONFIG_NAME.get(name, name.replace('-', '_'))}.py")
+def config_path(name, family=None):
+    block = CONFIG_NAME.get(name, name.replace('-', '_'))
+    return os.path.join(HERE, "config", f"{family or config}_{block}.py")
 
 
-def config_knobs(name):
-    """GPTConfig fields set by the attention's CPU config (top level, then scales['cpu']),
-    without the model shape; {} when the attention has no config file."""
-    path = config_path(name)
+def _config_values(name, family=None):
+    """GPTConfig fields set by config/<family>_<block>.py (top level, then scales['cpu']); {} without a file."""
+    path = config_path(name, family)
     if not os.path.exists(path):
         return {}
-    ns = {}
+    ns = {"__file__": os.path.abspath(path)}
     exec(compile(open(path).read(), path, "exec"), ns)
-    allowed = {f.name for f in fields(GPTConfig)} - NOT_KNOBS
-    knobs = {k: v for k, v in ns.items() if k in allowed}
-    knobs.update({k: v for k, v in ns.get("scales", {}).get("cpu", {}).items() if k in allowed})
-    return knobs
+    allowed = {f.name for f in fields(GPTConfig)}
+    vals = {k: v for k, v in ns.items() if k in allowed}
+    vals.update({k: v for k, v in ns.get("scales", {}).get("cpu", {}).items() if k in allowed})
+    return vals
 
 
-def bench_config(name, what, T, knobs):
+def config_knobs(name, family=None):
+    """The block's knobs from its CPU config, without the model shape; {} when it has no config file."""
+    return {k: v for k, v in _config_values(name, family).items() if k not in NOT_KNOBS}
+
+
+def bench_shape(name, family=None):
+    """(n_embd, n_head, n_layer): the fixed benchmark shape for the shakespeare family, the config
+    file's own shape for any other (so a long-context block is timed at the shape it was trained)."""
+    if (family or config) == "shakespeare":
+        return N_EMBD, N_HEAD, N_LAYER
+    v = _config_values(name, family)
+    return v.get("n_embd", N_EMBD), v.get("n_head", N_HEAD), v.get("n_layer", N_LAYER)
+
+
+def bench_config(name, what, T, knobs, family=None):
     """The GPTConfig a case is built from: the benchmark shape over the block's knobs."""
-    shape = dict(n_embd=N_EMBD, n_head=N_HEAD, block_size=T, attention=name, dropout=0.0)
+    n_embd, n_head, n_layer = bench_shape(name, family)
+    shape = dict(n_embd=n_embd, n_head=n_head, block_size=T, attention=name, dropout=0.0)
     if what == "model":
-        shape.update(n_layer=N_LAYER, vocab_size=VOCAB)
+        shape.update(n_layer=n_layer, vocab_size=VOCAB)
     return GPTConfig(**{**knobs, **shape})
 
 
@@ -238,7 +257,7 @@ def measure_memory_cpu(name, what, T, dtype_name="auto", timeout=3600, limit_mib
     whose new allocations may total limit_mib (default: 95% of the free memory).
     Returns {status: ok|oom|error|timeout, peak_mem_mib, mem_method, note}."""
     code = (f"import sys; sys.path.insert(0, {HERE!r}); import bench; bench.seed = {seed!r}; "
-            f"bench.torch.set_num_threads({torch.get_num_threads()}); "  # as many threads as this process
+            f"bench.config = {config!r}; bench.torch.set_num_threads({torch.get_num_threads()}); "  # as many threads as this process
             f"bench._probe({name!r}, {what!r}, {int(T)}, {dtype_name!r}, {limit_mib!r})")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     try:

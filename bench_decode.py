@@ -3,6 +3,7 @@ Decoding cost against context length: milliseconds per generated token, through 
 decode state, after a prompt of C tokens (the GPT of bench.py --what=model: 4 layers, 256 embd).
 
     python bench_decode.py --attention=dense,vq --contexts=512,2048,8192 --tokens=64
+    python bench_decode.py --config=long --contexts=2048,8192,16384   # the long-context knobs and shape
 
 A model with absolute positions gets block_size = C + tokens so nothing is cropped. Prints a
 markdown table (median ms/token and the ratio to the smallest context), writes <out>/bench_decode.md.
@@ -19,7 +20,8 @@ import bench
 import configurator
 from model import ATTENTION, GPT
 
-DEFAULTS = dict(attention="all", contexts="512,2048,8192", tokens=64, out="bench_results", threads=0)
+DEFAULTS = dict(attention="all", contexts="512,2048,8192", tokens=64, out="bench_results", threads=0,
+                config="shakespeare")  # knobs (and, for long, the shape) from config/<config>_<block>.py, as bench.py
 
 
 @torch.no_grad()
@@ -49,6 +51,7 @@ def main(argv):
         configurator.fail(str(e))
     if o["threads"]:
         torch.set_num_threads(o["threads"])
+    bench.config = o["config"]
     rows = []
     for name in names:
         ms = [ms_per_token(name, c, o["tokens"]) for c in contexts]

@@ -5,6 +5,7 @@ Quality at a stated budget, with seeds, error bars and the n-gram floor: train e
     python compare.py --seeds=3                    # all five blocks, CPU scale, each config's own budget
     python compare.py --budget=tokens --budget_value=3e6 --attentions=dense,vq
     python compare.py --budget=seconds --budget_value=120
+    python compare.py --preset=long --seeds=2      # the five blocks and a dense-GAU ablation at T=4096
     python compare.py --preset=batch_overfit       # Hilsenbek 2024's batch 64 vs 16, with an equal-token control
     python compare.py --preset=mlp_cost            # generative vs dense ms/iter and memory, MLP ratio 4 and 16
 
@@ -39,7 +40,7 @@ import ngram
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULTS = dict(
-    preset="blocks",  # blocks, batch_overfit or mlp_cost
+    preset="blocks",  # blocks, long, batch_overfit or mlp_cost
     attentions="all",  # for preset=blocks: comma-separated names, or all
     scale="cpu",  # which scale of each config file (cpu or gpu)
     seeds=1,  # runs per arm (seed 1337, 1338, ...)
@@ -88,11 +89,14 @@ def runs_for(o):
         arms = (("b64", 64, 1), ("b16", 16, 1), ("b16x4", 16, 4))  # x4: four times the iterations, equal tokens
         return [(f"{m}-{tag}", cfg, {**base, **kw, "batch_size": b, **scaled_schedule(base, n * k)})
                 for m, cfg, kw in models for tag, b, k in arms]
+    if o["preset"] == "long":  # T=4096, one shape for all; plus Transformer-VQ's unit with exact attention
+        blocks = [(n, f"config/{CONFIG_FILE[n].replace('shakespeare_', 'long_')}.py", dict(scale)) for n in ATTENTION]
+        return blocks + [("dense-gau", "config/long_vq.py", {**scale, "vq_quantize": False})]
     if o["preset"] == "mlp_cost":
         base = {**scale, "max_iters": 200, "lr_decay_iters": 200, "eval_interval": 200}
         return [(f"{m}-mlp{r}", f"config/{CONFIG_FILE[a]}.py", {**base, "mlp_ratio": float(r)})
                 for r in (4, 16) for m, a in (("dense", "dense"), ("generative", "generative-function"))]
-    raise configurator.ConfigError(f"unknown preset {o['preset']!r}; valid: blocks, batch_overfit, mlp_cost")
+    raise configurator.ConfigError(f"unknown preset {o['preset']!r}; valid: blocks, long, batch_overfit, mlp_cost")
 
 
 def scaled_schedule(cfg, iters):

@@ -31,6 +31,8 @@ def _check_type(key, value, default, where):
     want = type(default)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if want is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # --T=256 for a comma-separated list of one
     if want is int and isinstance(value, bool) or not isinstance(value, want):
         raise ConfigError(f"{where}: {key} must be {want.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -90,7 +92,7 @@ def load(argv, defaults, choose_scale=None):
     for path in files:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
-        ns = {}
+        ns = {"__file__": os.path.abspath(path)}  # so a config can build on another next to it
         try:
             exec(compile(open(path).read(), path, "exec"), ns)
         except Exception as e:  # a config file that does not run is a config error

@@ -75,6 +75,7 @@ RANGES = dict(
     vq_ema_decay="[0,1)", kh_hash_bits="[1,16]", kh_bucket_block=">=1", kh_samples=">=0", kh_min_seq_len=">=1",
     as_block=">=1", as_threshold="(0,1]", as_k_min=">=0", as_k_max=">=0", as_score_dim=">=1",
 )
+MEMORY_STEPS = 2  # training steps inside the memory peak (the first allocates the optimizer state)
 CKPT_KEYS = ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "rng")
 
 
@@ -110,12 +111,11 @@ def lr_at(it, cfg, progress=None):
     return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
 
 
-def peak_memory(device_type, excluded_mib=0.0):
-    """(key, MiB): CUDA allocator peak on CUDA; on CPU the peak resident set size of this process
-    less excluded_mib, the resident memory that wandb's import and calls added (measured around each)."""
+def peak_memory(device_type):
+    """(key, MiB): CUDA allocator peak on CUDA; on CPU the peak resident set size of this process so far."""
     if device_type == "cuda":
         return "peak_mem_cuda_allocated_mib", torch.cuda.max_memory_allocated() / 2**20
-    return "peak_mem_cpu_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - excluded_mib  # KiB on Linux
+    return "peak_mem_cpu_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def rss_mib():
@@ -152,10 +152,9 @@ def write_json_atomic(obj, path):
 
 def init_wandb(cfg, master):
     """wandb that never blocks the run: offline without credentials, and any failure only warns.
-    Returns (run or None, MiB of resident memory its import and start added)."""
+    Returns the run or None. Called once the memory peak is measured (see MEMORY_STEPS)."""
     if not (cfg["wandb_log"] and master):
-        return None, 0.0
-    rss0 = rss_mib()
+        return None
     try:
         import wandb
         if "WANDB_MODE" not in os.environ and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
@@ -163,12 +162,21 @@ def init_wandb(cfg, master):
         run = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or cfg["out_dir"],
                          group=cfg["wandb_group"] or None, config=cfg, dir=cfg["out_dir"],
                          settings=wandb.Settings(init_timeout=30, silent=True))
-        print(f"wandb: logging in {os.environ.get('WANDB_MODE', 'online')} mode to {run.dir} "
-              f"(the resident memory its calls add is left out of peak_mem_cpu_rss_mib)")
-        return run, max(0.0, rss_mib() - rss0)
+        print(f"wandb: logging in {os.environ.get('WANDB_MODE', 'online')} mode to {run.dir}")
+        return run
     except Exception as e:  # noqa: BLE001 - logging must never stop training
         print(f"warning: wandb disabled ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-        return None, max(0.0, rss_mib() - rss0)
+        return None
+
+
+def log_wandb(run, rows, say):
+    """Send the pending rows; returns the (empty) pending list. A failure only warns."""
+    try:
+        for row in rows:
+            run.log(row, step=row["iter"])
+    except Exception as e:  # noqa: BLE001
+        say(f"warning: wandb log failed: {e}")
+    return []
 
 
 def _netrc_has_wandb():
@@ -370,7 +378,9 @@ def main(argv):
         + (f"; the global batch of batch_size {cfg['batch_size']} x {cfg['gradient_accumulation_steps']} accum "
            f"is split over the ranks)" if ddp else ")"))
     resumed = {"iter": iter_num, "changed": changed} if cfg["init_from"] == "resume" else None
-    wandb_run, wandb_mib = init_wandb({**cfg, "data_source": meta.get("source"), "resumed": resumed}, master)
+    # wandb starts only after the memory peak is taken (the first evaluation and MEMORY_STEPS training
+    # steps: every later step and evaluation allocates the same), so the peak is the same with and without it
+    wandb_cfg, wandb_run, wandb_rows = {**cfg, "data_source": meta.get("source"), "resumed": resumed}, None, []
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     if master:
         write_json_atomic({**cfg, "model_args": model_args, "data_source": meta.get("source"), "resumed": resumed},
@@ -390,7 +400,7 @@ def main(argv):
     train_aux = None
     step_ms = []  # training-step times since the last evaluation (evaluation excluded)
     train_seconds = checkpoint_seconds  # training time so far, evaluation excluded
-    start_iter, last_ms, mem_key, mem = iter_num, None, None, None
+    start_iter, last_ms, mem_key, mem, mem_frozen = iter_num, None, None, None, False
     t_start = time.time()
     model.train()
     while True:
@@ -405,7 +415,8 @@ def main(argv):
             if train_aux is not None:  # auxiliary loss (e.g. VQ commitment) of the last training step
                 row["train/aux_loss"] = train_aux.item()
             ms = float(np.median(step_ms)) if step_ms else None
-            mem_key, mem = peak_memory(device_type, wandb_mib)
+            if not mem_frozen:
+                mem_key, mem = peak_memory(device_type)
             last_ms = ms or last_ms
             row.update({"ms_per_iter": ms, "tokens_per_sec": tokens_per_iter / (ms / 1000) if ms else None,
                         mem_key: mem, "mfu": raw_model.estimate_mfu(tokens_per_iter, ms / 1000, cfg["peak_flops"])
@@ -419,13 +430,9 @@ def main(argv):
                     + (f", {ms:.1f} ms/iter" if ms else "") + f", {mem_key} {mem:.0f}")
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+                wandb_rows.append(row)
                 if wandb_run is not None:
-                    rss0 = rss_mib()
-                    try:
-                        wandb_run.log(row, step=iter_num)
-                    except Exception as e:  # noqa: BLE001
-                        say(f"warning: wandb log failed: {e}")
-                    wandb_mib += max(0.0, rss_mib() - rss0)  # the first log imports ~60 MiB of modules
+                    wandb_rows = log_wandb(wandb_run, wandb_rows, say)
                 if row["val/loss"] < best_val_loss or cfg["always_save_checkpoint"]:
                     best_val_loss = min(best_val_loss, row["val/loss"])
                     if iter_num > 0 and not cfg["eval_only"]:
@@ -463,6 +470,11 @@ def main(argv):
             torch.cuda.synchronize()
         step_ms.append((time.perf_counter() - t0) * 1000)
         train_seconds += step_ms[-1] / 1000
+        if iter_num + 1 == start_iter + MEMORY_STEPS:  # the peak is in: take it, then start wandb
+            (mem_key, mem), mem_frozen = peak_memory(device_type), True
+            if cfg["wandb_log"] and master:
+                wandb_run = init_wandb(wandb_cfg, master)
+                wandb_rows = log_wandb(wandb_run, wandb_rows, say) if wandb_run is not None else []
         if iter_num % cfg["log_interval"] == 0:
             wall, left = time.time() - t_start, cfg["max_iters"] - iter_num - 1
             eta = wall / (iter_num + 1 - start_iter) * left  # evaluations included
@@ -472,6 +484,9 @@ def main(argv):
                 f"lr {lr:.2e}, eta {duration(max(0.0, eta))}")
         iter_num += 1
 
+    if cfg["wandb_log"] and master and wandb_run is None and iter_num < start_iter + MEMORY_STEPS:  # a short run
+        wandb_run = init_wandb(wandb_cfg, master)
+        wandb_rows = log_wandb(wandb_run, wandb_rows, say) if wandb_run is not None else []
     if wandb_run is not None:
         try:
             wandb_run.summary.update({"best_val_loss": best_val_loss, "final_ms_per_iter": last_ms, mem_key: mem})

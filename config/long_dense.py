@@ -1,0 +1,17 @@
+# the long-context setting (compare.py --preset=long): dense causal attention (SDPA) at T=4096, the baseline
+# whose cost grows with T^2. Every config/long_*.py shares the model shape and schedule below; only the
+# block and its knobs differ, and bench.py --config=long times each block at exactly these knobs.
+dataset = 'shakespeare_char'
+out_dir = 'out-long-dense'
+attention = 'dense'
+eval_interval = 100; log_interval = 10
+always_save_checkpoint = False
+learning_rate = 2e-3; min_lr = 2e-4; beta2 = 0.99; warmup_iters = 50
+eval_tokens = 131072  # 32 windows of 4096
+scales = {
+    # 4 layers, 4 heads, 128 wide; one window of 4096 characters per iteration
+    'cpu': dict(n_layer=4, n_head=4, n_embd=128, block_size=4096, batch_size=1, max_iters=600, lr_decay_iters=600,
+                dropout=0.0),
+    'gpu': dict(n_layer=6, n_head=6, n_embd=384, block_size=8192, batch_size=8, max_iters=5000, lr_decay_iters=5000,
+                dropout=0.1, eval_tokens=0),
+}

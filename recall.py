@@ -1,0 +1,242 @@
+"""
+Recall probe: multi-query associative recall (MQAR, Arora et al. 2023, "Zoology") for every block.
+
+    python recall.py                                  # every block, T=256 and 1024, 8/32/64 pairs
+    python recall.py --attention=dense,vq --T=256 --iters=300
+
+A sequence first lists n key-value pairs (k1 v1 k2 v2 ... kn vn), then, at random places in the
+rest of the window, asks for every key again (in a new order): a query key is followed by its
+value, and the model is scored only on predicting that value from the key (the other positions
+hold a filler token and carry no loss). Keys and values come from disjoint vocabularies, so the
+answer cannot be guessed from the query's neighbours: a block must retrieve the pair seen up to
+T positions earlier. Blocks that summarise the past (a running mean, a codebook) and blocks that
+retrieve (softmax over the exact keys, selected blocks) part ways here.
+
+One 2-layer model per (block, T) is trained on a mix of pair counts (each batch draws n from
+`train_pairs`), then scored on a fixed test set per pair count (`test_examples` sequences each, the
+same for every block). Every block runs at the knobs of its long-context config
+(config/long_<block>.py, see compare.py --preset=long) with the small shape below, so kernel-hashing
+with 256-token exact chunks is exact at T=256: its row at T=256 is dense attention with another
+parametrisation. Writes <out>/recall.md, recall.csv and recall.png (accuracy against pairs, one
+panel per T). Accuracy is per query; chance is 1/n_values.
+"""
+
+import csv
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+import bench
+import configurator
+from model import ATTENTION, GPT
+
+# -----------------------------------------------------------------------------
+attention = "all"  # comma-separated names from model.ATTENTION, or 'all'
+T = "256,1024"  # sequence lengths, comma-separated
+pairs = "8,32,64"  # key-value pairs per test sequence, comma-separated (4 * pairs <= T)
+train_pairs = "8,16,32,64"  # a training batch draws its pair count from these
+n_keys = 128  # key vocabulary (needs n_keys >= max pairs)
+n_values = 128  # value vocabulary
+n_layer = 2
+n_head = 2
+n_embd = 64
+iters = 600  # optimizer steps per (block, T)
+tokens_per_iter = 16384  # batch size = tokens_per_iter // T sequences
+learning_rate = 3e-3
+weight_decay = 0.1
+warmup_iters = 50
+test_examples = 256  # fixed test sequences per pair count
+seed = 1337
+threads = 0  # torch intra-op threads; 0 keeps torch's default
+config = "long"  # block knobs from config/<config>_<block>.py
+out = "results/recall"
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+FILLER = 0  # token of the positions that are neither pairs nor queries
+
+
+def vocab_size(o):
+    return 1 + o["n_keys"] + o["n_values"]
+
+
+def mqar_batch(rng, batch, T, n, n_keys, n_values):
+    """(inputs, targets), int64 arrays of shape (batch, T). Keys are tokens 1..n_keys, values
+    n_keys+1..n_keys+n_values. Targets are -1 (no loss) except at query keys, whose target is
+    the value paired with them in the prefix."""
+    if 4 * n > T:
+        raise ValueError(f"{n} pairs need T >= {4 * n} (pairs, then a key and a value per query); got T={T}")
+    if n > n_keys:
+        raise ValueError(f"{n} pairs need n_keys >= {n}; got {n_keys}")
+    keys = np.argsort(rng.random((batch, n_keys)), axis=1)[:, :n] + 1  # n distinct keys per sequence
+    values = rng.integers(0, n_values, size=(batch, n)) + 1 + n_keys
+    x = np.full((batch, T), FILLER, dtype=np.int64)
+    y = np.full((batch, T), -1, dtype=np.int64)
+    x[:, 0:2 * n:2], x[:, 1:2 * n:2] = keys, values
+    # queries: every key once, in a new order, at n distinct even offsets of the remaining window
+    slots = (T - 2 * n) // 2
+    where = np.sort(np.argsort(rng.random((batch, slots)), axis=1)[:, :n], axis=1) * 2 + 2 * n
+    order = np.argsort(rng.random((batch, n)), axis=1)
+    rows = np.arange(batch)[:, None]
+    x[rows, where] = keys[rows, order]
+    x[rows, where + 1] = values[rows, order]
+    y[rows, where] = values[rows, order]
+    return x, y
+
+
+def model_config(name, T_, o):
+    knobs = bench.config_knobs(name, o["config"])
+    shape = dict(n_layer=o["n_layer"], n_head=o["n_head"], n_embd=o["n_embd"], block_size=T_, attention=name,
+                 dropout=0.0, vocab_size=vocab_size(o))
+    return bench.GPTConfig(**{**knobs, **shape})
+
+
+@torch.no_grad()
+def accuracy(model, x, y, batch):
+    """Fraction of query positions whose argmax prediction is the stored value."""
+    model.eval()
+    hit = total = 0
+    for i in range(0, len(x), batch):
+        xb, yb = torch.from_numpy(x[i:i + batch]), torch.from_numpy(y[i:i + batch])
+        logits, _ = model(xb, yb)
+        m = yb >= 0
+        hit += (logits.argmax(-1)[m] == yb[m]).sum().item()
+        total += m.sum().item()
+    model.train()
+    return hit / total
+
+
+def lr_at(it, o):
+    """Linear warmup, then cosine decay to a tenth of the peak at the last step."""
+    peak, warm = o["learning_rate"], o["warmup_iters"]
+    if it < warm:
+        return peak * (it + 1) / warm
+    progress = (it - warm) / max(1, o["iters"] - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
+
+
+def train_one(name, T_, o, test_sets):
+    """Trains one model; returns one row per test pair count."""
+    torch.manual_seed(o["seed"])
+    rng = np.random.default_rng(o["seed"])
+    cfg = model_config(name, T_, o)
+    model = GPT(cfg)
+    opt = model.configure_optimizers(o["weight_decay"], o["learning_rate"], (0.9, 0.99), "cpu")
+    batch = max(1, o["tokens_per_iter"] // T_)
+    mix = [n for n in (int(p) for p in str(o["train_pairs"]).split(",")) if 4 * n <= T_]
+    t0, losses = time.perf_counter(), []
+    for it in range(o["iters"]):
+        lr = lr_at(it, o)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = mqar_batch(rng, batch, T_, int(rng.choice(mix)), o["n_keys"], o["n_values"])
+        _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    seconds = time.perf_counter() - t0
+    rows = []
+    for n, (x, y) in test_sets.items():
+        rows.append(dict(attention=name, T=T_, pairs=n, accuracy=accuracy(model, x, y, batch),
+                         final_train_loss=statistics.mean(losses[-20:]), train_seconds=round(seconds, 1),
+                         ms_per_iter=round(1000 * seconds / o["iters"], 1), params=model.get_num_params()))
+    return rows
+
+
+def plot(rows, lengths, path, chance):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    for ax, T_ in zip(axes[0], lengths):
+        for name in dict.fromkeys(r["attention"] for r in rows):
+            pts = [(r["pairs"], r["accuracy"]) for r in rows if r["attention"] == name and r["T"] == T_]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.axhline(chance, color="gray", ls=":", label="chance")
+        ax.set(title=f"MQAR recall, T={T_}", xlabel="key-value pairs", ylabel="accuracy", ylim=(-0.02, 1.02))
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main(argv):
+    configurator.help_if_asked(argv, DEFAULTS, __doc__)
+    try:
+        o, _ = configurator.load(argv, DEFAULTS)
+        configurator.check_ranges(o, dict(n_keys=">=1", n_values=">=2", n_layer=">=1", n_head=">=1", n_embd=">=1",
+                                          iters=">=1", tokens_per_iter=">=1", learning_rate=">0", warmup_iters=">=0",
+                                          test_examples=">=1", seed=">=0", threads=">=0", weight_decay=">=0"))
+        names = list(ATTENTION) if o["attention"] == "all" else o["attention"].split(",")
+        bad = [n for n in names if n not in ATTENTION]
+        if bad:
+            raise configurator.ConfigError(f"unknown attention {bad[0]!r}; valid: {', '.join(ATTENTION)}")
+        lengths = [int(t) for t in str(o["T"]).split(",")]
+        tests = [int(p) for p in str(o["pairs"]).split(",")]
+        train_mix = [int(p) for p in str(o["train_pairs"]).split(",")]
+        for T_ in lengths:
+            for n in tests + train_mix:
+                if n < 1 or n > o["n_keys"] or 4 * n > max(lengths):
+                    raise ValueError(f"pair count {n} needs 1 <= n <= n_keys ({o['n_keys']}) and 4 n <= T")
+            if not [n for n in train_mix if 4 * n <= T_]:
+                raise ValueError(f"no training pair count fits T={T_} (4 * pairs <= T)")
+    except (configurator.ConfigError, ValueError) as e:
+        configurator.fail(str(e))
+    if o["threads"]:
+        torch.set_num_threads(o["threads"])
+    os.makedirs(o["out"], exist_ok=True)
+    rows, t_all = [], time.perf_counter()
+    for T_ in lengths:
+        test_rng = np.random.default_rng(10_000 + T_)  # one fixed test set per (T, pairs), shared by every block
+        test_sets = {n: mqar_batch(test_rng, o["test_examples"], T_, n, o["n_keys"], o["n_values"])
+                     for n in tests if 4 * n <= T_}
+        for name in names:
+            new = train_one(name, T_, o, test_sets)
+            rows += new
+            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in new[0].items()
+                           if k not in ("pairs", "accuracy")),
+                  "accuracy:", ", ".join(f"{r['pairs']} pairs {r['accuracy']:.3f}" for r in new), flush=True)
+    minutes = (time.perf_counter() - t_all) / 60
+    chance = 1.0 / o["n_values"]
+    with open(os.path.join(o["out"], "recall.csv.tmp"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(os.path.join(o["out"], "recall.csv.tmp"), os.path.join(o["out"], "recall.csv"))
+    facts = ", ".join(f"{k}: {v}" for k, v in bench.machine_facts("cpu").items())
+    lines = [f"MQAR accuracy (fraction of queries answered with the stored value; chance {chance:.4f}). "
+             f"Command: `python recall.py {' '.join(argv)}`; {minutes:.1f} minutes in all.", "",
+             f"Machine: {facts}", "",
+             f"Models: {o['n_layer']} layers, {o['n_head']} heads, {o['n_embd']} wide, {o['iters']} steps of "
+             f"{o['tokens_per_iter']} tokens, lr {o['learning_rate']}, trained on pair counts {o['train_pairs']}; "
+             f"block knobs from config/{o['config']}_<block>.py; {o['test_examples']} fixed test sequences per cell.", ""]
+    for T_ in lengths:
+        cols = [n for n in tests if 4 * n <= T_]
+        lines += [f"T={T_}", "", "| attention | " + " | ".join(f"{n} pairs" for n in cols) + " | ms/iter | params |",
+                  "|" + " --- |" * (len(cols) + 3)]
+        for name in names:
+            r = {x["pairs"]: x for x in rows if x["attention"] == name and x["T"] == T_}
+            any_r = next(iter(r.values()))
+            lines.append(f"| {name} | " + " | ".join(f"{r[n]['accuracy']:.3f}" for n in cols)
+                         + f" | {any_r['ms_per_iter']} | {any_r['params']} |")
+        lines.append("")
+    tmp = os.path.join(o["out"], "recall.md.tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, os.path.join(o["out"], "recall.md"))
+    plot(rows, lengths, os.path.join(o["out"], "recall.png"), chance)
+    print("\n".join(lines))
+    print(f"wrote {o['out']}/recall.md, recall.csv, recall.png ({datetime.datetime.now():%H:%M})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,121 @@
+"""The long-context setting: its configs load, share one shape, and train 2 iterations at a reduced size;
+bench.py reads their knobs and shape; recall.py's task is what it says and runs end to end."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+import bench
+import compare
+import configurator
+import recall
+import train
+from conftest import ROOT, run
+
+LONG = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.startswith("long_"))
+
+
+def load(name, *flags):
+    cfg, _ = configurator.load([os.path.join(ROOT, "config", name), "--scale=cpu", *flags], train.DEFAULTS)
+    return cfg
+
+
+def test_long_configs_share_shape_and_schedule():
+    assert len(LONG) == 5
+    shared = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters", "learning_rate", "eval_tokens",
+              "dataset", "warmup_iters", "lr_decay_iters", "dropout")
+    base = load("long_dense.py")
+    assert base["block_size"] == 4096
+    for f in LONG:
+        cfg = load(f)
+        assert {k: cfg[k] for k in shared} == {k: base[k] for k in shared}, f
+    assert len({load(f)["attention"] for f in LONG}) == 5
+    vq = load("long_vq.py")
+    assert vq["block_size"] // vq["vq_block_len"] >= 8  # the cache acts: at least 8 blocks
+    assert load("long_adaptive_sparse.py")["as_k_max"] >= 32
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("long")
+    rnd = random.Random(0)
+    words = "to be or not that is the question whether tis nobler in mind".split()
+    (d / "tiny.txt").write_text("\n".join(" ".join(rnd.choice(words) for _ in range(12)) for _ in range(2000)))
+    r = run(["-m", "prepare_data", f"--input={d / 'tiny.txt'}", "--name=tiny"], cwd=d)
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+@pytest.mark.parametrize("f", LONG)
+def test_long_config_trains_two_iterations_reduced(f, tiny_data):
+    out = tiny_data / f"o-{f}"
+    r = run(["-m", "train", os.path.join(ROOT, "config", f), "--dataset=tiny", "--block_size=512", "--n_layer=1",
+             "--max_iters=2", "--eval_interval=2", "--eval_tokens=1024", "--eval_batch_size=2", f"--out_dir={out}"],
+            cwd=tiny_data, timeout=300)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert rows[-1]["iter"] == 2 and np.isfinite(rows[-1]["val/loss"])
+
+
+def test_compare_long_preset_arms():
+    arms = compare.runs_for({"preset": "long", "scale": "cpu", "attentions": "all"})
+    files = {c for _, c, _ in arms}
+    assert files == {f"config/{f}" for f in LONG}
+    names = [n for n, _, _ in arms]
+    assert "dense-gau" in names and len(names) == 6
+
+
+def test_bench_reads_long_knobs_and_shape(monkeypatch):
+    monkeypatch.setattr(bench, "config", "long")
+    cfg = load("long_kernel_hashing.py")
+    knobs = bench.config_knobs("kernel-hashing")
+    assert knobs["kh_min_seq_len"] == cfg["kh_min_seq_len"] and knobs["kh_samples"] == cfg["kh_samples"]
+    assert bench.bench_shape("kernel-hashing") == (cfg["n_embd"], cfg["n_head"], cfg["n_layer"])
+    c = bench.bench_config("kernel-hashing", "model", 1024, knobs)
+    assert (c.n_embd, c.n_layer, c.kh_bucket_block) == (cfg["n_embd"], cfg["n_layer"], cfg["kh_bucket_block"])
+    monkeypatch.setattr(bench, "config", "shakespeare")
+    assert bench.bench_shape("kernel-hashing") == (bench.N_EMBD, bench.N_HEAD, bench.N_LAYER)
+
+
+def test_config_file_can_build_on_its_neighbour(tmp_path):
+    (tmp_path / "base.py").write_text("n_layer = 2\nlearning_rate = 3e-3\n")
+    (tmp_path / "child.py").write_text(
+        "import os; exec(open(os.path.join(os.path.dirname(__file__), 'base.py')).read())\nn_layer = 5\n")
+    cfg, _ = configurator.load([str(tmp_path / "child.py")], dict(n_layer=1, learning_rate=1e-3, T="1,2"))
+    assert cfg["n_layer"] == 5 and cfg["learning_rate"] == 3e-3
+    cfg, _ = configurator.load(["--T=256"], dict(T="1,2"))  # a one-element list arrives as a number
+    assert cfg["T"] == "256"
+
+
+@pytest.mark.parametrize("T,n", [(32, 8), (256, 64), (1024, 8), (37, 3)])
+def test_mqar_queries_ask_for_the_stored_value(T, n):
+    rng = np.random.default_rng(T + n)
+    x, y = recall.mqar_batch(rng, 16, T, n, n_keys=128, n_values=100)
+    assert x.shape == y.shape == (16, T)
+    for xs, ys in zip(x, y):
+        keys, values = xs[0:2 * n:2], xs[1:2 * n:2]
+        assert len(set(keys)) == n and keys.min() >= 1 and keys.max() <= 128
+        assert values.min() >= 129 and values.max() <= 228
+        stored = dict(zip(keys, values))
+        q = np.flatnonzero(ys >= 0)
+        assert len(q) == n and q.min() >= 2 * n  # every key asked once, after the pairs
+        assert sorted(xs[q]) == sorted(keys)
+        assert all(ys[p] == stored[xs[p]] == xs[p + 1] for p in q)  # the target is the stored value
+        rest = np.setdiff1d(np.arange(2 * n, T), np.concatenate([q, q + 1]))
+        assert (xs[rest] == recall.FILLER).all()
+    with pytest.raises(ValueError, match="need T >="):
+        recall.mqar_batch(rng, 1, 31, 8, 128, 128)
+
+
+def test_recall_runs_end_to_end_and_rejects_bad_input(tmp_path):
+    r = run(["recall.py", "--attention=dense,generative-function", "--T=32", "--pairs=2,8", "--train_pairs=2,4",
+             "--iters=3", "--test_examples=8", "--tokens_per_iter=128", "--n_layer=1", f"--out={tmp_path}"], timeout=300)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
+    rows = open(tmp_path / "recall.csv").read().splitlines()
+    assert len(rows) == 1 + 2 * 2 and (tmp_path / "recall.png").exists() and (tmp_path / "recall.md").exists()
+    for bad, msg in ((["--pairs=40", "--T=32"], "pair count 40"), (["--attention=nope"], "unknown attention"),
+                     (["--iters=0"], "iters")):
+        r = run(["recall.py", *bad, f"--out={tmp_path}"], timeout=120)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
