@@ -558,8 +558,11 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 #                tau a learned per-head log-temperature (a vector: no weight decay)
 #                pi_ij = softmax_j s_ij over the candidates j <= i-2
 #   selection    rank the candidates by pi; keep the shortest prefix whose mass reaches
-#                p = as_threshold, at least as_k_min and at most as_k_max (k_max wins). Blocks i-1
-#                and i (own, causal inside) are always kept: K_i = kept + {i-1, i}
+#                p = as_threshold in (0, 1], at least as_k_min and at most as_k_max (k_max wins). Blocks
+#                i-1 and i (own, causal inside) are always kept: K_i = kept + {i-1, i}. Edge values:
+#                k_min = 0 is the plain top-p rule, which (p > 0) always keeps the best candidate, so
+#                k_min = 0 and 1 select the same blocks; k_max = 0 keeps no candidate: attention
+#                over {i-1, i} only, and the correction covers every candidate j <= i-2
 #   attention    o_sel_t = sum_{s in K_i, s <= t} softmax_s(q_t . k_s / sqrt(d) + b_ij) v_s
 #   correction   c_i = sum_{j in D_i} e^{s_ij} vbar_j / (1 + sum_{j in D_i} e^{s_ij}),
 #                D_i = candidates not kept; the 1 is a null slot (logit 0, value 0), so a block
@@ -581,8 +584,9 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 # attention to block j would lower the loss; through the softmax normaliser the dropped
 # candidates get the opposite push. The gates learn by ordinary backprop.
 #
-# Dense-equivalent setting (as_dense_equivalent=True): keep every block (p = 1, no k_max) and
-# no correction or gates (g_sel = 1, g_cmp = 0): exactly dense causal attention. No attention-
+# Dense-equivalent setting (as_dense_equivalent=True): keep every block (p = 1, no k_max), no
+# correction or gates (g_sel = 1, g_cmp = 0) and no straight-through term (b_ij = 0 with no
+# gradient): exactly dense causal attention, in value and gradient (the scorer gets none). No attention-
 # probability dropout in either branch (the Triton kernel has none); the residual dropout is kept.
 #
 # Cost per layer and head, T tokens, n = T/B blocks, k = as_k_max, r = as_score_dim: scoring,
@@ -609,7 +613,11 @@ class AdaptiveSparseAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
-        assert config.as_block >= 1 and config.as_k_max >= 0 and config.as_threshold > 0
+        for key, ok in (("as_block", config.as_block >= 1), ("as_k_min", config.as_k_min >= 0),
+                        ("as_k_max", config.as_k_max >= 0), ("as_threshold", 0 < config.as_threshold <= 1),
+                        ("as_score_dim", config.as_score_dim >= 1)):
+            if not ok:
+                raise ValueError(f"{key} out of range: got {getattr(config, key)!r} (see AdaptiveSparseAttention)")
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.block = config.as_block
@@ -642,7 +650,7 @@ class AdaptiveSparseAttention(nn.Module):
     def scorer(self):
         """The scorer's parameters and the selection rule, for adaptive_sparse_attention."""
         return Scorer(self.score_q, self.score_k, self.score_log_temp, self.threshold, self.k_min, self.k_max,
-                      self.select_chunks, self.select_min_blocks)
+                      self.select_chunks, self.select_min_blocks, straight_through=not self.dense_equivalent)
 
     def _gates(self, x):
         """(g_sel, g_cmp), each (B, H, T, 1); None in the dense-equivalent setting."""

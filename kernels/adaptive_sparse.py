@@ -38,8 +38,10 @@ from kernels._triton import HAS_TRITON, tl, triton
 class Scorer(NamedTuple):
     """The learned block scorer and the selection rule: score_q, score_k (H, d, r) projections, log_temp
     (H,) log-temperatures; keep the top-p (threshold) mass, at least k_min, at most k_max (None: no
-    cap) candidates. The (nq, nk) scores are computed in up to `chunks` ranges of at least
-    `min_blocks` query blocks."""
+    cap; 0: none, the correction covers every candidate) candidates. The (nq, nk) scores are
+    computed in up to `chunks` ranges of at least `min_blocks` query blocks. straight_through=False
+    drops the straight-through bias's gradient (the dense-equivalent setting: no gradient path
+    through the pooled means)."""
     score_q: torch.Tensor
     score_k: torch.Tensor
     log_temp: torch.Tensor
@@ -48,6 +50,7 @@ class Scorer(NamedTuple):
     k_max: Optional[int]
     chunks: int = 4
     min_blocks: int = 64
+    straight_through: bool = True
 
 
 def n_slots(n_blocks, k_max):
@@ -63,10 +66,11 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
     the straight-through bias of those slots; c (B, H, nq, D) the correction, or None."""
     B, H, nq, D = q_prev.shape
     nk = kbar.shape[2]
-    k = min(nk, n_slots(q_block0 + nq, scorer.k_max))  # the most candidates any of these blocks has
+    k = min(nk, n_slots(q_block0 + nq, scorer.k_max))  # the most slots any of these blocks has
     dev = q_prev.device
     dt = torch.promote_types(q_prev.dtype, torch.float32)
-    if k == 0:  # at most two blocks: nothing to score, nothing dropped
+    if nk == 0 or n_slots(q_block0 + nq, None) == 0 or (k == 0 and not correction):
+        # at most two blocks (nothing to score, nothing dropped), or k_max = 0 without a correction
         empty = torch.zeros(B, H, nq, 0, device=dev)
         return empty.long(), empty.to(dt), q_prev.new_zeros(B, H, nq, D, dtype=dt) if correction else None
     with torch.autocast(dev.type, enabled=False):
@@ -92,10 +96,13 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
         # straight-through bias: value 0, gradient of log pi at the kept blocks. log pi_ij =
         # s_ij - logsumexp_j s_ij, and the logsumexp's gradient is pi, so sq_i . (pi_i @ sk)
         # (pi held constant) has the same first-order gradient at a cost of O(nq nk r).
-        rows = (torch.arange(B * H, device=dev).view(B, H, 1, 1) * nk + top).reshape(-1)
-        sk_top = sk.reshape(B * H * nk, -1).index_select(0, rows).view(B, H, nq, k, -1)
-        log_pi = (sq.unsqueeze(-2) * sk_top).sum(-1) - (sq * (pi @ sk)).sum(-1, keepdim=True)
-        st = torch.where(keep, log_pi - log_pi.detach(), torch.zeros_like(log_pi))
+        if scorer.straight_through:
+            rows = (torch.arange(B * H, device=dev).view(B, H, 1, 1) * nk + top).reshape(-1)
+            sk_top = sk.reshape(B * H * nk, -1).index_select(0, rows).view(B, H, nq, k, sk.shape[-1])
+            log_pi = (sq.unsqueeze(-2) * sk_top).sum(-1) - (sq * (pi @ sk)).sum(-1, keepdim=True)
+            st = torch.where(keep, log_pi - log_pi.detach(), torch.zeros_like(log_pi))
+        else:  # a constant 0: no gradient reaches q, k or the scorer through the pooled means
+            st = torch.zeros(B, H, nq, k, dtype=dt, device=dev)
         if not correction:
             return sel, st, None
         # correction: each query block attends (scorer logits s_ij) over the pooled values of its

@@ -101,6 +101,85 @@ def test_dense_equivalent_setting_is_dense(T, Bk):
     assert rel_err(g_sparse(idx, idx)[0], g_dense(idx, idx)[0]) < 1e-6
 
 
+def grads(module, inputs, loss):
+    """Gradients of loss(module(*inputs)) w.r.t. the float inputs and every named parameter
+    (None where a parameter gets no gradient)."""
+    module.zero_grad(set_to_none=True)
+    loss(module(*inputs)).backward()
+    out = {f"input{n}": t.grad for n, t in enumerate(inputs) if t.is_floating_point()}
+    out.update({n: p.grad for n, p in module.named_parameters()})
+    return out
+
+
+def test_dense_equivalent_gradients_are_dense():
+    """The control is dense in its gradient too: w.r.t. x and every parameter, one block and the
+    GPT; the scorer, which dense has not, gets no gradient at all."""
+    torch.manual_seed(1)
+    m = block(as_block=8, as_dense_equivalent=True).double()
+    d = DenseAttention(GPTConfig(n_embd=32, n_head=2)).double()
+    d.load_state_dict({k: v for k, v in m.state_dict().items() if k.startswith("c_")})
+    with torch.no_grad():  # a sharp scorer: the old straight-through leak was largest there
+        m.score_q.mul_(5.0)
+    x = torch.randn(8, 64, 32, dtype=torch.float64)
+    w = torch.randn(8, 64, 32, dtype=torch.float64)
+    got = grads(m, [x.clone().requires_grad_()], lambda y: (y * w).sum())
+    want = grads(d, [x.clone().requires_grad_()], lambda y: (y * w).sum())
+    for name, g in want.items():
+        assert rel_err(got[name], g) < 1e-6, name
+    assert all(got[n] is None for n in ("score_q", "score_k", "score_log_temp"))
+    # through the GPT, with the same weights
+    g_sparse = tiny_gpt(as_dense_equivalent=True, as_block=4).double()
+    g_dense = tiny_gpt(attention="dense").double()
+    g_dense.load_state_dict(g_sparse.state_dict(), strict=False)
+    idx = torch.randint(0, 40, (2, 64))
+    got = grads(g_sparse, [idx, idx], lambda out: out[1])
+    want = grads(g_dense, [idx, idx], lambda out: out[1])
+    for name, g in want.items():
+        assert rel_err(got[name], g) < 1e-6, name
+    assert all(g is None for n, g in got.items() if n not in want)
+
+
+def test_k_max_zero_corrects_over_every_candidate():
+    """k_max = 0: no candidate is kept, attention over the previous and own block only, and the
+    correction covers every candidate (the loop reference's rule), so it is not zero."""
+    m = block(as_block=4, as_k_max=0, as_threshold=0.9).double()
+    torch.nn.init.normal_(m.score_q, std=1.0)
+    x = torch.randn(2, 37, 32, dtype=torch.float64)
+    y = m(x)
+    assert rel_err(y, reference(m, x)) < 1e-10
+    assert (m.last_kept == 0).all()
+    # the scorer learns through the correction (there is no straight-through slot) ...
+    y.square().sum().backward()
+    assert m.score_q.grad.abs().sum() > 0
+    # ... and the correction is on: closing its gate changes the output
+    with torch.no_grad():
+        m.gate.bias[m.n_head:] = -1e4  # g_cmp = sigmoid(-1e4) = 0
+        assert rel_err(m(x), y) > 1e-3
+
+
+def test_k_min_zero_is_the_plain_top_p_rule():
+    """k_min = 0 is documented as the plain top-p rule, which keeps the best candidate whenever
+    there is one (p > 0): the same selection as k_min = 1, while k_min = 2 keeps more."""
+    x = torch.randn(2, 64, 32)
+    kept = {}
+    for k_min in (0, 1, 2):
+        m = block(as_block=4, as_k_max=6, as_k_min=k_min, as_threshold=0.3)
+        with torch.no_grad():
+            m.score_log_temp.fill_(3.0)  # peaky: the best block alone often holds the mass
+            m(x)
+        kept[k_min] = m.last_kept
+    n_cand = (torch.arange(16) - 1).clamp(min=0)
+    assert torch.equal(kept[0], kept[1]) and (kept[0] >= n_cand.clamp(max=1)).all()
+    assert (kept[2] >= kept[1]).all() and (kept[2] > kept[1]).any()
+
+
+@pytest.mark.parametrize("key,value", [("as_k_min", -1), ("as_k_max", -1), ("as_threshold", 0.0),
+                                       ("as_threshold", 1.5), ("as_block", 0), ("as_score_dim", 0)])
+def test_meaningless_knobs_are_a_value_error(key, value):
+    with pytest.raises(ValueError, match=f"^{key} out of range"):
+        block(**{key: value})
+
+
 def test_causality_through_gpt():
     m = tiny_gpt().eval()
     idx = torch.randint(0, 40, (3, 64))
