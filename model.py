@@ -11,6 +11,7 @@ A block's contract (see DenseAttention for the smallest example):
                                   state is None at the start of a sequence
     aux_loss                      optional tensor set in forward (added to the loss)
     extra_metrics() -> dict       optional floats logged at every evaluation
+    attention_stats() -> dict     optional floats about the last forward (GPT.attention_stats)
     attn_flops_per_token(T)       forward+backward FLOPs of the mixing itself
     uses_absolute_positions       class flag: False drops the wpe table and lets
                                   generation run past block_size without cropping
@@ -640,7 +641,8 @@ class AdaptiveSparseAttention(nn.Module):
         # NSA-style gates (g_sel, g_cmp) per token and head; absent in the dense-equivalent setting
         self.gate = None if self.dense_equivalent else nn.Linear(config.n_embd, 2 * config.n_head, bias=True)
         self._stats = None
-        self.last_kept = None
+        self.last_selected = None  # last forward: (B, H, n_blocks, n_slots) kept candidate ids, -1 = none
+        self.last_kept = None  # last forward: (B, H, n_blocks) number of kept candidates
 
     _heads = DenseAttention._heads  # the same c_attn / c_proj head layout as dense
     _out = DenseAttention._out
@@ -663,9 +665,10 @@ class AdaptiveSparseAttention(nn.Module):
     def forward(self, x):
         q, k, v = self._heads(x)
         gates = self._gates(x)
-        o, kept, blocks = adaptive_sparse_attention(q, k, v, gates, 0, self.block, self.scorer())
-        self.last_kept = kept.detach()  # (B, H, n_blocks): scored blocks kept per query block
+        o, sel, blocks = adaptive_sparse_attention(q, k, v, gates, 0, self.block, self.scorer())
         with torch.no_grad():  # diagnostics for extra_metrics (kept on device, read at evaluation)
+            self.last_selected = sel.detach()
+            self.last_kept = kept = (sel >= 0).sum(-1)
             attended = kept + (blocks > 0).long() + 1  # kept candidates + previous + own block
             available = (blocks + 1).expand_as(attended)  # blocks 0..i
             scored = (blocks >= 2).expand_as(kept)  # query blocks that have candidates
@@ -689,6 +692,20 @@ class AdaptiveSparseAttention(nn.Module):
         own over blocks 0..i, summed over query blocks and heads), mean number of scored blocks
         kept per query block that has candidates, and mean gates."""
         return {} if self._stats is None else {k: float(v) for k, v in self._stats.items()}
+
+    def attention_stats(self):
+        """Scored candidates kept per query block in the last forward, over all rows, heads and the
+        query blocks that have candidates (blocks 2..): mean, min, max, and the fraction of them at
+        the cap (kept = k_max < candidates). {} before a forward or when no block has candidates."""
+        if self.last_kept is None:
+            return {}
+        n_cand = (torch.arange(self.last_kept.shape[-1], device=self.last_kept.device) - 1).clamp(min=0)
+        kept, n_cand = self.last_kept[..., n_cand > 0].float(), n_cand[n_cand > 0]
+        if kept.numel() == 0:
+            return {}
+        at_cap = (kept == self.k_max) & (n_cand > self.k_max) if self.k_max is not None else torch.zeros_like(kept)
+        stats = torch.stack([kept.mean(), kept.min(), kept.max(), at_cap.float().mean()]).tolist()  # one sync
+        return dict(zip(("as/kept_mean", "as/kept_min", "as/kept_max", "as/at_cap"), stats))
 
     def attn_flops_per_token(self, T):
         # forward + backward (x3), 2 flops per MAC, as DenseAttention counts it: the selected
@@ -953,6 +970,17 @@ class GPT(nn.Module):
             if hasattr(block.attn, "extra_metrics"):
                 for k, v in block.attn.extra_metrics().items():
                     out[f"{self.config.attention}/layer{i}/{k}"] = float(v)
+        return out
+
+    def attention_stats(self):
+        """Selection statistics of the last forward for the training log, one flat dict of floats:
+        '<name>/l<layer>' from every layer whose block has attention_stats() (adaptive-sparse:
+        'as/kept_mean/l0', 'as/kept_min/l0', 'as/kept_max/l0', 'as/at_cap/l0', ...); {} for blocks
+        without. Reads tensors the forward kept: no extra forward, one device sync per layer."""
+        out = {}
+        for i, block in enumerate(self.transformer.h):
+            if hasattr(block.attn, "attention_stats"):
+                out.update({f"{k}/l{i}": float(v) for k, v in block.attn.attention_stats().items()})
         return out
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

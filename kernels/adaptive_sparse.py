@@ -172,8 +172,8 @@ def _kernel_for(t):
 
 def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer):
     """The adaptive-sparse mixing of the queries at positions q0..S-1 of q, k, v (B, H, S, D):
-    outputs (B, H, S - q0, D), the kept counts (B, H, nq) of the query blocks computed and their
-    ids (nq,). gates: (g_sel, g_cmp), each (B, H, S - q0, 1), or None (no correction); scorer:
+    outputs (B, H, S - q0, D), the kept candidates (B, H, nq, n_slots) of the query blocks computed
+    (block ids, best first, -1 = none; no grad) and their ids (nq,). gates: (g_sel, g_cmp), each (B, H, S - q0, 1), or None (no correction); scorer:
     a Scorer. The selected-block attention runs the Triton kernel on CUDA for block >= 16, a power
     of two (and q0 < block), as_block_sparse_attention_torch otherwise."""
     B, H, S, D = k.shape
@@ -198,17 +198,16 @@ def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer):
         o = kernel(q, k, v, idx, bias, Bk)
     else:
         o = as_block_sparse_attention_torch(qp[:, :, i0 * Bk:] if i0 else qp, kp, vp, idx, bias, Bk, i0)
-    kept = (sel >= 0).sum(-1)
     if q0 == 0 and pad == 0:  # the usual forward: rows are whole blocks, no slicing needed
         if gates is not None:  # every token of block i gets its block's correction, gated per token
             g_sel, g_cmp = (g.view(B, H, nq, Bk, 1) for g in gates)
             o = o.view(B, H, nq, Bk, D) * g_sel + g_cmp * c.to(o.dtype).unsqueeze(3)
-        return o.view(B, H, S, D), kept, blocks
+        return o.view(B, H, S, D), sel, blocks
     rows = slice(q0 - i0 * Bk, S - i0 * Bk)
     o = o[:, :, rows]
     if gates is not None:
         o = gates[0] * o + gates[1] * c.to(o.dtype).repeat_interleave(Bk, dim=2)[:, :, rows]
-    return o, kept, blocks
+    return o, sel, blocks
 
 
 # ------------------------------------------------------------------------------- Triton kernels

@@ -180,6 +180,42 @@ def test_meaningless_knobs_are_a_value_error(key, value):
         block(**{key: value})
 
 
+def test_last_selection_and_attention_stats():
+    """last_selected lists real, distinct, strictly past candidates (no grad), last_kept counts
+    them, and GPT.attention_stats() reports their mean/min/max per layer over blocks 2.."""
+    g = tiny_gpt(as_k_max=3, as_threshold=0.6)
+    with torch.no_grad():
+        for blk in g.transformer.h:
+            blk.attn.score_log_temp.fill_(2.0)  # peaky enough that the count varies
+    idx = torch.randint(0, 40, (3, 64))
+    assert g.attention_stats() == {}  # nothing before a forward
+    g(idx, idx)[1].backward()
+    stats = g.attention_stats()
+    assert set(stats) == {f"as/{k}/l{i}" for k in ("kept_mean", "kept_min", "kept_max", "at_cap") for i in (0, 1)}
+    for i, blk in enumerate(g.transformer.h):
+        sel, kept = blk.attn.last_selected, blk.attn.last_kept
+        assert not sel.requires_grad and sel.shape[:3] == (3, 2, 16) and sel.shape[3] == 3
+        assert torch.equal((sel >= 0).sum(-1), kept)
+        qb = torch.arange(16).view(16, 1)
+        assert ((sel < 0) | (sel <= qb - 2)).all()
+        for row in sel.reshape(-1, 3).tolist():
+            real = [j for j in row if j >= 0]
+            assert len(real) == len(set(real))
+        per_block = kept[..., 2:].float()  # blocks 0 and 1 have no candidates
+        assert stats[f"as/kept_mean/l{i}"] == pytest.approx(per_block.mean().item())
+        assert stats[f"as/kept_min/l{i}"] == per_block.min().item() >= 1
+        assert stats[f"as/kept_max/l{i}"] == per_block.max().item() <= 3
+        at_cap = ((kept[..., 2:] == 3) & (torch.arange(2, 16) - 1 > 3)).float().mean().item()
+        assert stats[f"as/at_cap/l{i}"] == pytest.approx(at_cap)
+    assert any(stats[f"as/kept_min/l{i}"] < stats[f"as/kept_max/l{i}"] for i in (0, 1))
+    # the dense-equivalent setting keeps every candidate: block i keeps i-1, never capped
+    g = tiny_gpt(as_dense_equivalent=True)
+    g(idx)
+    assert g.attention_stats()["as/kept_mean/l0"] == pytest.approx(sum(range(1, 15)) / 14)
+    assert g.attention_stats()["as/at_cap/l1"] == 0
+    assert tiny_gpt(attention="dense").attention_stats() == {}
+
+
 def test_causality_through_gpt():
     m = tiny_gpt().eval()
     idx = torch.randint(0, 40, (3, 64))
