@@ -594,14 +594,15 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 # selection and correction O(n^2 (r + d)) time and O(n^2) memory (one (n, n) score matrix, its
 # softmax, a boolean mask; the correction runs in torch's fused SDPA; computed in up to 4
 # chunks of query blocks, each against the key blocks it can see, ~5/8 of the full square); selected attention
-# O(T (k+2) B d) time and O(T (k+2) B) memory. No T x T tensor: O(T^2/B^2 + T k B) in all.
+# O(T (kbar+2) B d) time and O(T (kbar+2) B) memory, kbar <= k the mean number of blocks kept (the
+# work follows the kept blocks, not the cap). No T x T tensor: O(T^2/B^2 + T k B) in all.
 # Decode: a KV cache (plus the queries, for the scorer's previous-block mean); each new query's
 # block is selected by the same rule from the same cached tensors, so greedy cached generation
 # equals full recompute; O(S d + n (d + r) + (k+2) B d) per token at context S.
 #
 # kernels/adaptive_sparse.py: scoring, selection and correction in PyTorch; the selected-block
-# attention by batched gather + softmax in PyTorch, or in Triton (block-sparse flash attention,
-# forward and backward) on CUDA for B >= 16, a power of two.
+# attention in PyTorch by gather + softmax with query blocks grouped by their number of kept blocks,
+# or in Triton (block-sparse flash attention, forward and backward) on CUDA for B >= 16, a power of two.
 
 
 class AdaptiveSparseAttention(nn.Module):

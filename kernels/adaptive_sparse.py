@@ -1,11 +1,13 @@
 """Adaptive-sparse attention (AdaptiveSparseAttention in model.py): how it is computed.
 
     reference (PyTorch)  score_and_select: block scores, top-p selection, the straight-through bias
-                         and the correction (PyTorch on every device); n_slots
-    CPU-fast path        as_block_sparse_attention_torch: the selected-block attention by gathering
-                         the listed key blocks (batched gather + softmax)
+                         and the correction (PyTorch on every device); n_slots;
+                         as_block_sparse_attention_torch: the selected-block attention by gathering
+                         every slot up to k_max (batched gather + softmax, empty slots masked)
+    CPU-fast path        as_block_sparse_attention_buckets: the same, with query blocks grouped by how
+                         many blocks they list, so the work follows the kept blocks, not k_max
     entry point          adaptive_sparse_attention: selection (in query-block chunks), then the
-                         selected-block attention (Triton on CUDA, the gather path otherwise), gates
+                         selected-block attention (Triton on CUDA, the bucketed path otherwise), gates
     Triton kernels       block_sparse_attention: block-sparse flash attention, below
 
 Triton kernels: block-sparse flash attention.
@@ -163,6 +165,51 @@ def as_block_sparse_attention_torch(q, k, v, idx, bias, block, q_block0=0):
     return (att.softmax(-1) @ vg).view(B, H, Tq, D)
 
 
+def as_block_sparse_attention_buckets(q, k, v, idx, bias, block, q_block0=0, work=None):
+    """as_block_sparse_attention_torch (same arguments and result) at a cost set by the listed
+    blocks, not the slots: query blocks are grouped by how many blocks they list, and each group
+    gathers exactly that many, so empty slots cost nothing. work: optional dict; work["tiles"] is
+    increased by the (query block, key block) tiles computed (a FLOP proxy: 4 block^2 D each)."""
+    B, H, Tq, D = q.shape
+    nq, ns = idx.shape[2], idx.shape[3]
+    nk = k.shape[2] // block
+    dev = q.device
+    listed = idx >= 0
+    order = torch.argsort((~listed).to(torch.uint8), dim=-1, stable=True)  # listed slots first
+    idx_c = idx.gather(-1, order).view(B * H * nq, ns)
+    bias_c = bias.gather(-1, order).view(B * H * nq, ns)
+    count = listed.sum(-1).view(-1)
+    qrow = torch.arange(B * H * nq, device=dev)
+    krow0 = qrow // nq * nk  # first row of the query block's head in the (B*H*nk) key table
+    qf = q.reshape(B * H * nq, block, D)
+    kf, vf = k.reshape(B * H * nk, block * D), v.reshape(B * H * nk, block * D)
+    offs = torch.arange(block, device=dev)
+    rows_all, outs = [], []
+    for n in torch.unique(count).tolist():  # at most n_slots + 1 groups
+        rows = (count == n).nonzero().squeeze(1)
+        R = rows.numel()
+        if n == 0:  # nothing listed: no keys (the model always lists the own block)
+            rows_all.append(rows)
+            outs.append(qf.new_zeros(R, block, D))
+            continue
+        ids = idx_c.index_select(0, rows)[:, :n]
+        krows = (krow0.index_select(0, rows).unsqueeze(1) + ids).reshape(-1)
+        kg = kf.index_select(0, krows).view(R, n * block, D)
+        vg = vf.index_select(0, krows).view(R, n * block, D)
+        b = bias_c.index_select(0, rows)[:, :n].to(q.dtype).repeat_interleave(block, dim=-1).unsqueeze(1)
+        att = torch.baddbmm(b, qf.index_select(0, rows), kg.transpose(-1, -2), alpha=1.0 / math.sqrt(D))
+        qpos = (q_block0 + rows % nq).unsqueeze(1) * block + offs  # (R, block)
+        kpos = (ids.unsqueeze(-1) * block + offs).view(R, 1, n * block)
+        att.masked_fill_(kpos > qpos.unsqueeze(-1), float("-inf"))  # in place: one fewer copy
+        rows_all.append(rows)
+        outs.append(att.softmax(-1) @ vg)
+        if work is not None:
+            work["tiles"] = work.get("tiles", 0) + R * n
+    rows_all = torch.cat(rows_all)
+    o = torch.cat(outs).index_select(0, torch.argsort(rows_all))  # back to query-block order
+    return o.view(B, H, Tq, D)
+
+
 # ------------------------------------------------------------------------------- entry point
 
 def _kernel_for(t):
@@ -170,12 +217,12 @@ def _kernel_for(t):
     return block_sparse_attention if t.is_cuda and HAS_TRITON else None
 
 
-def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer):
+def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None):
     """The adaptive-sparse mixing of the queries at positions q0..S-1 of q, k, v (B, H, S, D):
     outputs (B, H, S - q0, D), the kept candidates (B, H, nq, n_slots) of the query blocks computed
     (block ids, best first, -1 = none; no grad) and their ids (nq,). gates: (g_sel, g_cmp), each (B, H, S - q0, 1), or None (no correction); scorer:
     a Scorer. The selected-block attention runs the Triton kernel on CUDA for block >= 16, a power
-    of two (and q0 < block), as_block_sparse_attention_torch otherwise."""
+    of two (and q0 < block), as_block_sparse_attention_buckets otherwise (work: its tile counter)."""
     B, H, S, D = k.shape
     Bk = block
     nb = -(-S // Bk)
@@ -197,7 +244,7 @@ def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer):
     if kernel is not None:
         o = kernel(q, k, v, idx, bias, Bk)
     else:
-        o = as_block_sparse_attention_torch(qp[:, :, i0 * Bk:] if i0 else qp, kp, vp, idx, bias, Bk, i0)
+        o = as_block_sparse_attention_buckets(qp[:, :, i0 * Bk:] if i0 else qp, kp, vp, idx, bias, Bk, i0, work)
     if q0 == 0 and pad == 0:  # the usual forward: rows are whole blocks, no slicing needed
         if gates is not None:  # every token of block i gets its block's correction, gated per token
             g_sel, g_cmp = (g.view(B, H, nq, Bk, 1) for g in gates)

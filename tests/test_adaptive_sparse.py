@@ -353,6 +353,52 @@ def random_lists(B, H, nq, n_sel, g):
     return idx
 
 
+@pytest.mark.parametrize("B,H,nq,D,Bk,n_sel,i0", [(2, 3, 9, 5, 3, 4, 0), (1, 2, 13, 7, 4, 6, 5),
+                                                   (2, 1, 6, 3, 1, 2, 0), (1, 1, 11, 4, 5, 9, 10)])
+def test_bucketed_path_matches_slot_path(B, H, nq, D, Bk, n_sel, i0):
+    """The bucketed CPU path equals the every-slot reference in outputs and gradients (float64),
+    with empty slots anywhere in the lists, and for a suffix of query blocks (decode)."""
+    g = torch.Generator().manual_seed(nq)
+    idx = random_lists(B, H, nq, n_sel, g)[:, :, i0:]
+    q = torch.randn(B, H, (nq - i0) * Bk, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, H, nq * Bk, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    bias = torch.randn(B, H, nq - i0, n_sel + 2, generator=g, dtype=torch.float64, requires_grad=True)
+    do = torch.randn(B, H, (nq - i0) * Bk, D, generator=g, dtype=torch.float64)
+    work = {}
+    o = AS.as_block_sparse_attention_buckets(q, k, v, idx, bias, Bk, i0, work)
+    o_ref = AS.as_block_sparse_attention_torch(q, k, v, idx, bias, Bk, i0)
+    got = [o] + list(torch.autograd.grad(o, (q, k, v, bias), do))
+    want = [o_ref] + list(torch.autograd.grad(o_ref, (q, k, v, bias), do))
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dbias"), got, want):
+        assert rel_err(a, b) < 1e-12, name
+    assert work["tiles"] == (idx >= 0).sum().item()  # exactly the listed tiles, no empty slot
+
+
+def test_work_follows_the_kept_blocks_not_k_max():
+    """At fixed k_max, a threshold that keeps one candidate per query block against one that keeps
+    every allowed one changes the tiles computed by the ratio of the blocks attended; the
+    every-slot reference would compute n_slots + 2 tiles per query block either way."""
+    T, Bk, k_max = 256, 8, 12
+    nb = T // Bk
+    m = block(T=T, as_block=Bk, as_k_max=k_max)
+    x = torch.randn(2, T, 32)
+    q, k, v = m._heads(x)
+    tiles = {}
+    for name, p in (("one", 1e-6), ("all", 1.0)):
+        work = {}
+        scorer = m.scorer()._replace(threshold=p)
+        o, sel, _ = AS.adaptive_sparse_attention(q, k, v, m._gates(x), 0, Bk, scorer, work)
+        tiles[name] = work["tiles"]
+        i = torch.arange(nb)
+        cands = (i - 1).clamp(min=0)
+        kept = cands.clamp(max=1) if name == "one" else cands.clamp(max=k_max)
+        assert torch.equal((sel >= 0).sum(-1), kept.expand(2, 2, nb))
+        # per query block: its kept candidates, the previous block (i >= 1) and its own block
+        assert tiles[name] == 2 * 2 * (kept + (i >= 1).long() + 1).sum().item()
+    slots = 2 * 2 * nb * (k_max + 2)
+    assert tiles["one"] < tiles["all"] / 3 and tiles["all"] < slots
+
+
 @pytest.mark.parametrize("B,H,T,D,Bk,dtype", [(1, 2, 50, 24, 16, torch.float32),
                                               (2, 1, 37, 16, 16, torch.float32),
                                               (1, 1, 70, 32, 32, torch.float32)])
