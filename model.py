@@ -11,6 +11,7 @@ A block's contract (see DenseAttention for the smallest example):
                                   state is None at the start of a sequence
     aux_loss                      optional tensor set in forward (added to the loss)
     extra_metrics() -> dict       optional floats logged at every evaluation
+    attention_stats() -> dict     optional floats about the last forward (GPT.attention_stats)
     attn_flops_per_token(T)       forward+backward FLOPs of the mixing itself
     uses_absolute_positions       class flag: False drops the wpe table and lets
                                   generation run past block_size without cropping
@@ -558,8 +559,11 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 #                tau a learned per-head log-temperature (a vector: no weight decay)
 #                pi_ij = softmax_j s_ij over the candidates j <= i-2
 #   selection    rank the candidates by pi; keep the shortest prefix whose mass reaches
-#                p = as_threshold, at least as_k_min and at most as_k_max (k_max wins). Blocks i-1
-#                and i (own, causal inside) are always kept: K_i = kept + {i-1, i}
+#                p = as_threshold in (0, 1], at least as_k_min and at most as_k_max (k_max wins). Blocks
+#                i-1 and i (own, causal inside) are always kept: K_i = kept + {i-1, i}. Edge values:
+#                k_min = 0 is the plain top-p rule, which (p > 0) always keeps the best candidate, so
+#                k_min = 0 and 1 select the same blocks; k_max = 0 keeps no candidate: attention
+#                over {i-1, i} only, and the correction covers every candidate j <= i-2
 #   attention    o_sel_t = sum_{s in K_i, s <= t} softmax_s(q_t . k_s / sqrt(d) + b_ij) v_s
 #   correction   c_i = sum_{j in D_i} e^{s_ij} vbar_j / (1 + sum_{j in D_i} e^{s_ij}),
 #                D_i = candidates not kept; the 1 is a null slot (logit 0, value 0), so a block
@@ -581,22 +585,24 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 # attention to block j would lower the loss; through the softmax normaliser the dropped
 # candidates get the opposite push. The gates learn by ordinary backprop.
 #
-# Dense-equivalent setting (as_dense_equivalent=True): keep every block (p = 1, no k_max) and
-# no correction or gates (g_sel = 1, g_cmp = 0): exactly dense causal attention. No attention-
+# Dense-equivalent setting (as_dense_equivalent=True): keep every block (p = 1, no k_max), no
+# correction or gates (g_sel = 1, g_cmp = 0) and no straight-through term (b_ij = 0 with no
+# gradient): exactly dense causal attention, in value and gradient (the scorer gets none). No attention-
 # probability dropout in either branch (the Triton kernel has none); the residual dropout is kept.
 #
 # Cost per layer and head, T tokens, n = T/B blocks, k = as_k_max, r = as_score_dim: scoring,
 # selection and correction O(n^2 (r + d)) time and O(n^2) memory (one (n, n) score matrix, its
 # softmax, a boolean mask; the correction runs in torch's fused SDPA; computed in up to 4
 # chunks of query blocks, each against the key blocks it can see, ~5/8 of the full square); selected attention
-# O(T (k+2) B d) time and O(T (k+2) B) memory. No T x T tensor: O(T^2/B^2 + T k B) in all.
+# O(T (kbar+2) B d) time and O(T (kbar+2) B) memory, kbar <= k the mean number of blocks kept (the
+# work follows the kept blocks, not the cap). No T x T tensor: O(T^2/B^2 + T k B) in all.
 # Decode: a KV cache (plus the queries, for the scorer's previous-block mean); each new query's
 # block is selected by the same rule from the same cached tensors, so greedy cached generation
 # equals full recompute; O(S d + n (d + r) + (k+2) B d) per token at context S.
 #
 # kernels/adaptive_sparse.py: scoring, selection and correction in PyTorch; the selected-block
-# attention by batched gather + softmax in PyTorch, or in Triton (block-sparse flash attention,
-# forward and backward) on CUDA for B >= 16, a power of two.
+# attention in PyTorch by gather + softmax with query blocks grouped by their number of kept blocks,
+# or in Triton (block-sparse flash attention, forward and backward) on CUDA for B >= 16, a power of two.
 
 
 class AdaptiveSparseAttention(nn.Module):
@@ -609,7 +615,11 @@ class AdaptiveSparseAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
-        assert config.as_block >= 1 and config.as_k_max >= 0 and config.as_threshold > 0
+        for key, ok in (("as_block", config.as_block >= 1), ("as_k_min", config.as_k_min >= 0),
+                        ("as_k_max", config.as_k_max >= 0), ("as_threshold", 0 < config.as_threshold <= 1),
+                        ("as_score_dim", config.as_score_dim >= 1)):
+            if not ok:
+                raise ValueError(f"{key} out of range: got {getattr(config, key)!r} (see AdaptiveSparseAttention)")
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.block = config.as_block
@@ -632,7 +642,8 @@ class AdaptiveSparseAttention(nn.Module):
         # NSA-style gates (g_sel, g_cmp) per token and head; absent in the dense-equivalent setting
         self.gate = None if self.dense_equivalent else nn.Linear(config.n_embd, 2 * config.n_head, bias=True)
         self._stats = None
-        self.last_kept = None
+        self.last_selected = None  # last forward: (B, H, n_blocks, n_slots) kept candidate ids, -1 = none
+        self.last_kept = None  # last forward: (B, H, n_blocks) number of kept candidates
 
     _heads = DenseAttention._heads  # the same c_attn / c_proj head layout as dense
     _out = DenseAttention._out
@@ -642,7 +653,7 @@ class AdaptiveSparseAttention(nn.Module):
     def scorer(self):
         """The scorer's parameters and the selection rule, for adaptive_sparse_attention."""
         return Scorer(self.score_q, self.score_k, self.score_log_temp, self.threshold, self.k_min, self.k_max,
-                      self.select_chunks, self.select_min_blocks)
+                      self.select_chunks, self.select_min_blocks, straight_through=not self.dense_equivalent)
 
     def _gates(self, x):
         """(g_sel, g_cmp), each (B, H, T, 1); None in the dense-equivalent setting."""
@@ -655,9 +666,10 @@ class AdaptiveSparseAttention(nn.Module):
     def forward(self, x):
         q, k, v = self._heads(x)
         gates = self._gates(x)
-        o, kept, blocks = adaptive_sparse_attention(q, k, v, gates, 0, self.block, self.scorer())
-        self.last_kept = kept.detach()  # (B, H, n_blocks): scored blocks kept per query block
+        o, sel, blocks = adaptive_sparse_attention(q, k, v, gates, 0, self.block, self.scorer())
         with torch.no_grad():  # diagnostics for extra_metrics (kept on device, read at evaluation)
+            self.last_selected = sel.detach()
+            self.last_kept = kept = (sel >= 0).sum(-1)
             attended = kept + (blocks > 0).long() + 1  # kept candidates + previous + own block
             available = (blocks + 1).expand_as(attended)  # blocks 0..i
             scored = (blocks >= 2).expand_as(kept)  # query blocks that have candidates
@@ -681,6 +693,20 @@ class AdaptiveSparseAttention(nn.Module):
         own over blocks 0..i, summed over query blocks and heads), mean number of scored blocks
         kept per query block that has candidates, and mean gates."""
         return {} if self._stats is None else {k: float(v) for k, v in self._stats.items()}
+
+    def attention_stats(self):
+        """Scored candidates kept per query block in the last forward, over all rows, heads and the
+        query blocks that have candidates (blocks 2..): mean, min, max, and the fraction of them at
+        the cap (kept = k_max < candidates). {} before a forward or when no block has candidates."""
+        if self.last_kept is None:
+            return {}
+        n_cand = (torch.arange(self.last_kept.shape[-1], device=self.last_kept.device) - 1).clamp(min=0)
+        kept, n_cand = self.last_kept[..., n_cand > 0].float(), n_cand[n_cand > 0]
+        if kept.numel() == 0:
+            return {}
+        at_cap = (kept == self.k_max) & (n_cand > self.k_max) if self.k_max is not None else torch.zeros_like(kept)
+        stats = torch.stack([kept.mean(), kept.min(), kept.max(), at_cap.float().mean()]).tolist()  # one sync
+        return dict(zip(("as/kept_mean", "as/kept_min", "as/kept_max", "as/at_cap"), stats))
 
     def attn_flops_per_token(self, T):
         # forward + backward (x3), 2 flops per MAC, as DenseAttention counts it: the selected
@@ -945,6 +971,17 @@ class GPT(nn.Module):
             if hasattr(block.attn, "extra_metrics"):
                 for k, v in block.attn.extra_metrics().items():
                     out[f"{self.config.attention}/layer{i}/{k}"] = float(v)
+        return out
+
+    def attention_stats(self):
+        """Selection statistics of the last forward for the training log, one flat dict of floats:
+        '<name>/l<layer>' from every layer whose block has attention_stats() (adaptive-sparse:
+        'as/kept_mean/l0', 'as/kept_min/l0', 'as/kept_max/l0', 'as/at_cap/l0', ...); {} for blocks
+        without. Reads tensors the forward kept: no extra forward, one device sync per layer."""
+        out = {}
+        for i, block in enumerate(self.transformer.h):
+            if hasattr(block.attn, "attention_stats"):
+                out.update({f"{k}/l{i}": float(v) for k, v in block.attn.attention_stats().items()})
         return out
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

@@ -1,11 +1,13 @@
 """Adaptive-sparse attention (AdaptiveSparseAttention in model.py): how it is computed.
 
     reference (PyTorch)  score_and_select: block scores, top-p selection, the straight-through bias
-                         and the correction (PyTorch on every device); n_slots
-    CPU-fast path        as_block_sparse_attention_torch: the selected-block attention by gathering
-                         the listed key blocks (batched gather + softmax)
+                         and the correction (PyTorch on every device); n_slots;
+                         as_block_sparse_attention_torch: the selected-block attention by gathering
+                         every slot up to k_max (batched gather + softmax, empty slots masked)
+    CPU-fast path        as_block_sparse_attention_buckets: the same, with query blocks grouped by how
+                         many blocks they list, so the work follows the kept blocks, not k_max
     entry point          adaptive_sparse_attention: selection (in query-block chunks), then the
-                         selected-block attention (Triton on CUDA, the gather path otherwise), gates
+                         selected-block attention (Triton on CUDA, the bucketed path otherwise), gates
     Triton kernels       block_sparse_attention: block-sparse flash attention, below
 
 Triton kernels: block-sparse flash attention.
@@ -38,8 +40,10 @@ from kernels._triton import HAS_TRITON, tl, triton
 class Scorer(NamedTuple):
     """The learned block scorer and the selection rule: score_q, score_k (H, d, r) projections, log_temp
     (H,) log-temperatures; keep the top-p (threshold) mass, at least k_min, at most k_max (None: no
-    cap) candidates. The (nq, nk) scores are computed in up to `chunks` ranges of at least
-    `min_blocks` query blocks."""
+    cap; 0: none, the correction covers every candidate) candidates. The (nq, nk) scores are
+    computed in up to `chunks` ranges of at least `min_blocks` query blocks. straight_through=False
+    drops the straight-through bias's gradient (the dense-equivalent setting: no gradient path
+    through the pooled means)."""
     score_q: torch.Tensor
     score_k: torch.Tensor
     log_temp: torch.Tensor
@@ -48,6 +52,7 @@ class Scorer(NamedTuple):
     k_max: Optional[int]
     chunks: int = 4
     min_blocks: int = 64
+    straight_through: bool = True
 
 
 def n_slots(n_blocks, k_max):
@@ -63,10 +68,11 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
     the straight-through bias of those slots; c (B, H, nq, D) the correction, or None."""
     B, H, nq, D = q_prev.shape
     nk = kbar.shape[2]
-    k = min(nk, n_slots(q_block0 + nq, scorer.k_max))  # the most candidates any of these blocks has
+    k = min(nk, n_slots(q_block0 + nq, scorer.k_max))  # the most slots any of these blocks has
     dev = q_prev.device
     dt = torch.promote_types(q_prev.dtype, torch.float32)
-    if k == 0:  # at most two blocks: nothing to score, nothing dropped
+    if nk == 0 or n_slots(q_block0 + nq, None) == 0 or (k == 0 and not correction):
+        # at most two blocks (nothing to score, nothing dropped), or k_max = 0 without a correction
         empty = torch.zeros(B, H, nq, 0, device=dev)
         return empty.long(), empty.to(dt), q_prev.new_zeros(B, H, nq, D, dtype=dt) if correction else None
     with torch.autocast(dev.type, enabled=False):
@@ -92,10 +98,13 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
         # straight-through bias: value 0, gradient of log pi at the kept blocks. log pi_ij =
         # s_ij - logsumexp_j s_ij, and the logsumexp's gradient is pi, so sq_i . (pi_i @ sk)
         # (pi held constant) has the same first-order gradient at a cost of O(nq nk r).
-        rows = (torch.arange(B * H, device=dev).view(B, H, 1, 1) * nk + top).reshape(-1)
-        sk_top = sk.reshape(B * H * nk, -1).index_select(0, rows).view(B, H, nq, k, -1)
-        log_pi = (sq.unsqueeze(-2) * sk_top).sum(-1) - (sq * (pi @ sk)).sum(-1, keepdim=True)
-        st = torch.where(keep, log_pi - log_pi.detach(), torch.zeros_like(log_pi))
+        if scorer.straight_through:
+            rows = (torch.arange(B * H, device=dev).view(B, H, 1, 1) * nk + top).reshape(-1)
+            sk_top = sk.reshape(B * H * nk, -1).index_select(0, rows).view(B, H, nq, k, sk.shape[-1])
+            log_pi = (sq.unsqueeze(-2) * sk_top).sum(-1) - (sq * (pi @ sk)).sum(-1, keepdim=True)
+            st = torch.where(keep, log_pi - log_pi.detach(), torch.zeros_like(log_pi))
+        else:  # a constant 0: no gradient reaches q, k or the scorer through the pooled means
+            st = torch.zeros(B, H, nq, k, dtype=dt, device=dev)
         if not correction:
             return sel, st, None
         # correction: each query block attends (scorer logits s_ij) over the pooled values of its
@@ -156,6 +165,51 @@ def as_block_sparse_attention_torch(q, k, v, idx, bias, block, q_block0=0):
     return (att.softmax(-1) @ vg).view(B, H, Tq, D)
 
 
+def as_block_sparse_attention_buckets(q, k, v, idx, bias, block, q_block0=0, work=None):
+    """as_block_sparse_attention_torch (same arguments and result) at a cost set by the listed
+    blocks, not the slots: query blocks are grouped by how many blocks they list, and each group
+    gathers exactly that many, so empty slots cost nothing. work: optional dict; work["tiles"] is
+    increased by the (query block, key block) tiles computed (a FLOP proxy: 4 block^2 D each)."""
+    B, H, Tq, D = q.shape
+    nq, ns = idx.shape[2], idx.shape[3]
+    nk = k.shape[2] // block
+    dev = q.device
+    listed = idx >= 0
+    order = torch.argsort((~listed).to(torch.uint8), dim=-1, stable=True)  # listed slots first
+    idx_c = idx.gather(-1, order).view(B * H * nq, ns)
+    bias_c = bias.gather(-1, order).view(B * H * nq, ns)
+    count = listed.sum(-1).view(-1)
+    qrow = torch.arange(B * H * nq, device=dev)
+    krow0 = qrow // nq * nk  # first row of the query block's head in the (B*H*nk) key table
+    qf = q.reshape(B * H * nq, block, D)
+    kf, vf = k.reshape(B * H * nk, block * D), v.reshape(B * H * nk, block * D)
+    offs = torch.arange(block, device=dev)
+    rows_all, outs = [], []
+    for n in torch.unique(count).tolist():  # at most n_slots + 1 groups
+        rows = (count == n).nonzero().squeeze(1)
+        R = rows.numel()
+        if n == 0:  # nothing listed: no keys (the model always lists the own block)
+            rows_all.append(rows)
+            outs.append(qf.new_zeros(R, block, D))
+            continue
+        ids = idx_c.index_select(0, rows)[:, :n]
+        krows = (krow0.index_select(0, rows).unsqueeze(1) + ids).reshape(-1)
+        kg = kf.index_select(0, krows).view(R, n * block, D)
+        vg = vf.index_select(0, krows).view(R, n * block, D)
+        b = bias_c.index_select(0, rows)[:, :n].to(q.dtype).repeat_interleave(block, dim=-1).unsqueeze(1)
+        att = torch.baddbmm(b, qf.index_select(0, rows), kg.transpose(-1, -2), alpha=1.0 / math.sqrt(D))
+        qpos = (q_block0 + rows % nq).unsqueeze(1) * block + offs  # (R, block)
+        kpos = (ids.unsqueeze(-1) * block + offs).view(R, 1, n * block)
+        att.masked_fill_(kpos > qpos.unsqueeze(-1), float("-inf"))  # in place: one fewer copy
+        rows_all.append(rows)
+        outs.append(att.softmax(-1) @ vg)
+        if work is not None:
+            work["tiles"] = work.get("tiles", 0) + R * n
+    rows_all = torch.cat(rows_all)
+    o = torch.cat(outs).index_select(0, torch.argsort(rows_all))  # back to query-block order
+    return o.view(B, H, Tq, D)
+
+
 # ------------------------------------------------------------------------------- entry point
 
 def _kernel_for(t):
@@ -163,12 +217,12 @@ def _kernel_for(t):
     return block_sparse_attention if t.is_cuda and HAS_TRITON else None
 
 
-def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer):
+def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None):
     """The adaptive-sparse mixing of the queries at positions q0..S-1 of q, k, v (B, H, S, D):
-    outputs (B, H, S - q0, D), the kept counts (B, H, nq) of the query blocks computed and their
-    ids (nq,). gates: (g_sel, g_cmp), each (B, H, S - q0, 1), or None (no correction); scorer:
+    outputs (B, H, S - q0, D), the kept candidates (B, H, nq, n_slots) of the query blocks computed
+    (block ids, best first, -1 = none; no grad) and their ids (nq,). gates: (g_sel, g_cmp), each (B, H, S - q0, 1), or None (no correction); scorer:
     a Scorer. The selected-block attention runs the Triton kernel on CUDA for block >= 16, a power
-    of two (and q0 < block), as_block_sparse_attention_torch otherwise."""
+    of two (and q0 < block), as_block_sparse_attention_buckets otherwise (work: its tile counter)."""
     B, H, S, D = k.shape
     Bk = block
     nb = -(-S // Bk)
@@ -190,18 +244,17 @@ def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer):
     if kernel is not None:
         o = kernel(q, k, v, idx, bias, Bk)
     else:
-        o = as_block_sparse_attention_torch(qp[:, :, i0 * Bk:] if i0 else qp, kp, vp, idx, bias, Bk, i0)
-    kept = (sel >= 0).sum(-1)
+        o = as_block_sparse_attention_buckets(qp[:, :, i0 * Bk:] if i0 else qp, kp, vp, idx, bias, Bk, i0, work)
     if q0 == 0 and pad == 0:  # the usual forward: rows are whole blocks, no slicing needed
         if gates is not None:  # every token of block i gets its block's correction, gated per token
             g_sel, g_cmp = (g.view(B, H, nq, Bk, 1) for g in gates)
             o = o.view(B, H, nq, Bk, D) * g_sel + g_cmp * c.to(o.dtype).unsqueeze(3)
-        return o.view(B, H, S, D), kept, blocks
+        return o.view(B, H, S, D), sel, blocks
     rows = slice(q0 - i0 * Bk, S - i0 * Bk)
     o = o[:, :, rows]
     if gates is not None:
         o = gates[0] * o + gates[1] * c.to(o.dtype).repeat_interleave(Bk, dim=2)[:, :, rows]
-    return o, kept, blocks
+    return o, sel, blocks
 
 
 # ------------------------------------------------------------------------------- Triton kernels

@@ -101,6 +101,121 @@ def test_dense_equivalent_setting_is_dense(T, Bk):
     assert rel_err(g_sparse(idx, idx)[0], g_dense(idx, idx)[0]) < 1e-6
 
 
+def grads(module, inputs, loss):
+    """Gradients of loss(module(*inputs)) w.r.t. the float inputs and every named parameter
+    (None where a parameter gets no gradient)."""
+    module.zero_grad(set_to_none=True)
+    loss(module(*inputs)).backward()
+    out = {f"input{n}": t.grad for n, t in enumerate(inputs) if t.is_floating_point()}
+    out.update({n: p.grad for n, p in module.named_parameters()})
+    return out
+
+
+def test_dense_equivalent_gradients_are_dense():
+    """The control is dense in its gradient too: w.r.t. x and every parameter, one block and the
+    GPT; the scorer, which dense has not, gets no gradient at all."""
+    torch.manual_seed(1)
+    m = block(as_block=8, as_dense_equivalent=True).double()
+    d = DenseAttention(GPTConfig(n_embd=32, n_head=2)).double()
+    d.load_state_dict({k: v for k, v in m.state_dict().items() if k.startswith("c_")})
+    with torch.no_grad():  # a sharp scorer: the old straight-through leak was largest there
+        m.score_q.mul_(5.0)
+    x = torch.randn(8, 64, 32, dtype=torch.float64)
+    w = torch.randn(8, 64, 32, dtype=torch.float64)
+    got = grads(m, [x.clone().requires_grad_()], lambda y: (y * w).sum())
+    want = grads(d, [x.clone().requires_grad_()], lambda y: (y * w).sum())
+    for name, g in want.items():
+        assert rel_err(got[name], g) < 1e-6, name
+    assert all(got[n] is None for n in ("score_q", "score_k", "score_log_temp"))
+    # through the GPT, with the same weights
+    g_sparse = tiny_gpt(as_dense_equivalent=True, as_block=4).double()
+    g_dense = tiny_gpt(attention="dense").double()
+    g_dense.load_state_dict(g_sparse.state_dict(), strict=False)
+    idx = torch.randint(0, 40, (2, 64))
+    got = grads(g_sparse, [idx, idx], lambda out: out[1])
+    want = grads(g_dense, [idx, idx], lambda out: out[1])
+    for name, g in want.items():
+        assert rel_err(got[name], g) < 1e-6, name
+    assert all(g is None for n, g in got.items() if n not in want)
+
+
+def test_k_max_zero_corrects_over_every_candidate():
+    """k_max = 0: no candidate is kept, attention over the previous and own block only, and the
+    correction covers every candidate (the loop reference's rule), so it is not zero."""
+    m = block(as_block=4, as_k_max=0, as_threshold=0.9).double()
+    torch.nn.init.normal_(m.score_q, std=1.0)
+    x = torch.randn(2, 37, 32, dtype=torch.float64)
+    y = m(x)
+    assert rel_err(y, reference(m, x)) < 1e-10
+    assert (m.last_kept == 0).all()
+    # the scorer learns through the correction (there is no straight-through slot) ...
+    y.square().sum().backward()
+    assert m.score_q.grad.abs().sum() > 0
+    # ... and the correction is on: closing its gate changes the output
+    with torch.no_grad():
+        m.gate.bias[m.n_head:] = -1e4  # g_cmp = sigmoid(-1e4) = 0
+        assert rel_err(m(x), y) > 1e-3
+
+
+def test_k_min_zero_is_the_plain_top_p_rule():
+    """k_min = 0 is documented as the plain top-p rule, which keeps the best candidate whenever
+    there is one (p > 0): the same selection as k_min = 1, while k_min = 2 keeps more."""
+    x = torch.randn(2, 64, 32)
+    kept = {}
+    for k_min in (0, 1, 2):
+        m = block(as_block=4, as_k_max=6, as_k_min=k_min, as_threshold=0.3)
+        with torch.no_grad():
+            m.score_log_temp.fill_(3.0)  # peaky: the best block alone often holds the mass
+            m(x)
+        kept[k_min] = m.last_kept
+    n_cand = (torch.arange(16) - 1).clamp(min=0)
+    assert torch.equal(kept[0], kept[1]) and (kept[0] >= n_cand.clamp(max=1)).all()
+    assert (kept[2] >= kept[1]).all() and (kept[2] > kept[1]).any()
+
+
+@pytest.mark.parametrize("key,value", [("as_k_min", -1), ("as_k_max", -1), ("as_threshold", 0.0),
+                                       ("as_threshold", 1.5), ("as_block", 0), ("as_score_dim", 0)])
+def test_meaningless_knobs_are_a_value_error(key, value):
+    with pytest.raises(ValueError, match=f"^{key} out of range"):
+        block(**{key: value})
+
+
+def test_last_selection_and_attention_stats():
+    """last_selected lists real, distinct, strictly past candidates (no grad), last_kept counts
+    them, and GPT.attention_stats() reports their mean/min/max per layer over blocks 2.."""
+    g = tiny_gpt(as_k_max=3, as_threshold=0.6)
+    with torch.no_grad():
+        for blk in g.transformer.h:
+            blk.attn.score_log_temp.fill_(2.0)  # peaky enough that the count varies
+    idx = torch.randint(0, 40, (3, 64))
+    assert g.attention_stats() == {}  # nothing before a forward
+    g(idx, idx)[1].backward()
+    stats = g.attention_stats()
+    assert set(stats) == {f"as/{k}/l{i}" for k in ("kept_mean", "kept_min", "kept_max", "at_cap") for i in (0, 1)}
+    for i, blk in enumerate(g.transformer.h):
+        sel, kept = blk.attn.last_selected, blk.attn.last_kept
+        assert not sel.requires_grad and sel.shape[:3] == (3, 2, 16) and sel.shape[3] == 3
+        assert torch.equal((sel >= 0).sum(-1), kept)
+        qb = torch.arange(16).view(16, 1)
+        assert ((sel < 0) | (sel <= qb - 2)).all()
+        for row in sel.reshape(-1, 3).tolist():
+            real = [j for j in row if j >= 0]
+            assert len(real) == len(set(real))
+        per_block = kept[..., 2:].float()  # blocks 0 and 1 have no candidates
+        assert stats[f"as/kept_mean/l{i}"] == pytest.approx(per_block.mean().item())
+        assert stats[f"as/kept_min/l{i}"] == per_block.min().item() >= 1
+        assert stats[f"as/kept_max/l{i}"] == per_block.max().item() <= 3
+        at_cap = ((kept[..., 2:] == 3) & (torch.arange(2, 16) - 1 > 3)).float().mean().item()
+        assert stats[f"as/at_cap/l{i}"] == pytest.approx(at_cap)
+    assert any(stats[f"as/kept_min/l{i}"] < stats[f"as/kept_max/l{i}"] for i in (0, 1))
+    # the dense-equivalent setting keeps every candidate: block i keeps i-1, never capped
+    g = tiny_gpt(as_dense_equivalent=True)
+    g(idx)
+    assert g.attention_stats()["as/kept_mean/l0"] == pytest.approx(sum(range(1, 15)) / 14)
+    assert g.attention_stats()["as/at_cap/l1"] == 0
+    assert tiny_gpt(attention="dense").attention_stats() == {}
+
+
 def test_causality_through_gpt():
     m = tiny_gpt().eval()
     idx = torch.randint(0, 40, (3, 64))
@@ -236,6 +351,52 @@ def random_lists(B, H, nq, n_sel, g):
                 lst += [-1] * (n_sel + 2 - len(lst))
                 idx[b, h, i] = torch.tensor(lst)[torch.randperm(n_sel + 2, generator=g)]
     return idx
+
+
+@pytest.mark.parametrize("B,H,nq,D,Bk,n_sel,i0", [(2, 3, 9, 5, 3, 4, 0), (1, 2, 13, 7, 4, 6, 5),
+                                                   (2, 1, 6, 3, 1, 2, 0), (1, 1, 11, 4, 5, 9, 10)])
+def test_bucketed_path_matches_slot_path(B, H, nq, D, Bk, n_sel, i0):
+    """The bucketed CPU path equals the every-slot reference in outputs and gradients (float64),
+    with empty slots anywhere in the lists, and for a suffix of query blocks (decode)."""
+    g = torch.Generator().manual_seed(nq)
+    idx = random_lists(B, H, nq, n_sel, g)[:, :, i0:]
+    q = torch.randn(B, H, (nq - i0) * Bk, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, H, nq * Bk, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    bias = torch.randn(B, H, nq - i0, n_sel + 2, generator=g, dtype=torch.float64, requires_grad=True)
+    do = torch.randn(B, H, (nq - i0) * Bk, D, generator=g, dtype=torch.float64)
+    work = {}
+    o = AS.as_block_sparse_attention_buckets(q, k, v, idx, bias, Bk, i0, work)
+    o_ref = AS.as_block_sparse_attention_torch(q, k, v, idx, bias, Bk, i0)
+    got = [o] + list(torch.autograd.grad(o, (q, k, v, bias), do))
+    want = [o_ref] + list(torch.autograd.grad(o_ref, (q, k, v, bias), do))
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dbias"), got, want):
+        assert rel_err(a, b) < 1e-12, name
+    assert work["tiles"] == (idx >= 0).sum().item()  # exactly the listed tiles, no empty slot
+
+
+def test_work_follows_the_kept_blocks_not_k_max():
+    """At fixed k_max, a threshold that keeps one candidate per query block against one that keeps
+    every allowed one changes the tiles computed by the ratio of the blocks attended; the
+    every-slot reference would compute n_slots + 2 tiles per query block either way."""
+    T, Bk, k_max = 256, 8, 12
+    nb = T // Bk
+    m = block(T=T, as_block=Bk, as_k_max=k_max)
+    x = torch.randn(2, T, 32)
+    q, k, v = m._heads(x)
+    tiles = {}
+    for name, p in (("one", 1e-6), ("all", 1.0)):
+        work = {}
+        scorer = m.scorer()._replace(threshold=p)
+        o, sel, _ = AS.adaptive_sparse_attention(q, k, v, m._gates(x), 0, Bk, scorer, work)
+        tiles[name] = work["tiles"]
+        i = torch.arange(nb)
+        cands = (i - 1).clamp(min=0)
+        kept = cands.clamp(max=1) if name == "one" else cands.clamp(max=k_max)
+        assert torch.equal((sel >= 0).sum(-1), kept.expand(2, 2, nb))
+        # per query block: its kept candidates, the previous block (i >= 1) and its own block
+        assert tiles[name] == 2 * 2 * (kept + (i >= 1).long() + 1).sum().item()
+    slots = 2 * 2 * nb * (k_max + 2)
+    assert tiles["one"] < tiles["all"] / 3 and tiles["all"] < slots
 
 
 @pytest.mark.parametrize("B,H,T,D,Bk,dtype", [(1, 2, 50, 24, 16, torch.float32),
