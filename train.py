@@ -397,7 +397,7 @@ def main(argv):
                 if r.get("iter", -1) < iter_num:
                     kept.append(json.dumps(r) + "\n")
             configurator.write_atomic(metrics_path, "".join(kept))
-    train_aux = None
+    train_aux, attn_stats = None, {}
     step_ms = []  # training-step times since the last evaluation (evaluation excluded)
     train_seconds = checkpoint_seconds  # training time so far, evaluation excluded
     start_iter, last_ms, mem_key, mem, mem_frozen = iter_num, None, None, None, False
@@ -414,6 +414,7 @@ def main(argv):
                    "train_seconds": train_seconds, "wall_seconds": time.time() - t_start}
             if train_aux is not None:  # auxiliary loss (e.g. VQ commitment) of the last training step
                 row["train/aux_loss"] = train_aux.item()
+            row.update(attn_stats)
             ms = float(np.median(step_ms)) if step_ms else None
             if not mem_frozen:
                 mem_key, mem = peak_memory(device_type)
@@ -476,6 +477,7 @@ def main(argv):
                 wandb_run = init_wandb(wandb_cfg, master)
                 wandb_rows = log_wandb(wandb_run, wandb_rows, say) if wandb_run is not None else []
         if iter_num % cfg["log_interval"] == 0:
+            attn_stats = raw_model.attention_stats()  # selection of this step (adaptive-sparse), logged with the next row
             wall, left = time.time() - t_start, cfg["max_iters"] - iter_num - 1
             eta = wall / (iter_num + 1 - start_iter) * left  # evaluations included
             if timed:

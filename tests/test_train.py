@@ -211,3 +211,12 @@ def wandb_offline_records(path):
                 summary.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in rec.summary.update})
     config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items()}
     return kinds, summary, config
+
+
+def test_adaptive_sparse_selection_is_logged(workdir):
+    train(workdir, "o_as", "--attention=adaptive-sparse", "--as_block=4", "--as_k_max=3", "--max_iters=10",
+          "--eval_interval=10")
+    row = rows(workdir, "o_as")[-1]
+    for layer in (0, 1):
+        lo, mean, hi = (row[f"as/kept_{k}/l{layer}"] for k in ("min", "mean", "max"))
+        assert 1 <= lo <= mean <= hi <= 3 and 0 <= row[f"as/at_cap/l{layer}"] <= 1
