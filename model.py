@@ -169,9 +169,12 @@ ATTENTION["dense"] = DenseAttention
 #
 #     z_t = argmin_s |k_t - c_s|^2,   k^_t = sg(c_z) + k_t - sg(k_t)
 #     commitment loss  beta * mean_t |k_t - sg(c_z_t)|^2  (summed over heads), in aux_loss
-#     C = sums / max(counts, 0.01); in training forwards, from the batch (all-reduced under DDP):
+#     C = sums / max(counts, 0.01); once per optimizer step, over all its micro-batches (and DDP ranks):
 #         counts_s <- g counts_s + (1-g) #{t: z_t = s},  sums_s <- g sums_s + (1-g) sum_{z_t=s} k_t
-#     (buffers, never touched by the optimizer; g = vq_ema_decay)
+#     (buffers, never touched by the optimizer; g = vq_ema_decay). Training forwards only gather the
+#     counts and sums; GPT.commit_codebook_updates(), called by train.py after each optimizer step,
+#     applies them, so every micro-batch of a step sees the same codebook (as the official code,
+#     whose codebook is a parameter updated by SGD at rate 1 on a surrogate loss in the same step).
 #
 # Block-wise attention with block length L. A query i in block r attends exactly to the keys
 # j <= i of its own block and to all of block r-1; every older key (blocks <= r-2) is in a
@@ -241,6 +244,10 @@ class VQGatedUnit(nn.Module):
         self.register_buffer("c_sum", torch.randn(H, self.S, dk) * self.tau)
         self.register_buffer("c_count", torch.ones(H, self.S))
         self.register_buffer("last_counts", torch.zeros(H, self.S), persistent=False)  # diagnostics
+        # this optimizer step's statistics (all micro-batches so far), applied by commit_codebook_update
+        self.register_buffer("step_counts", torch.zeros(H, self.S), persistent=False)
+        self.register_buffer("step_sums", torch.zeros(H, self.S, dk), persistent=False)
+        self.step_pending = False
         self.aux_loss = None
         self.last_commit = torch.zeros(())
 
@@ -274,19 +281,30 @@ class VQGatedUnit(nn.Module):
         return z, straight_through(k, cz), err
 
     @torch.no_grad()
-    def ema_update(self, k, z):
-        """Move the codebook statistics towards this batch's (summed over DDP ranks)."""
+    def accumulate_codebook_stats(self, k, z):
+        """Add this micro-batch's per-code counts and key sums to the step's statistics."""
         kz = k.detach().to(self.c_sum.dtype).transpose(0, 1).reshape(self.H, -1, self.dk)  # (H, B*T, d_k)
         zz = z.transpose(0, 1).reshape(self.H, -1)
-        counts = torch.zeros_like(self.c_count).scatter_add_(1, zz, torch.ones_like(zz, dtype=self.c_count.dtype))
-        sums = torch.zeros_like(self.c_sum).scatter_add_(
-            1, zz.unsqueeze(-1).expand(-1, -1, self.dk), kz)
+        self.step_counts.scatter_add_(1, zz, torch.ones_like(zz, dtype=self.step_counts.dtype))
+        self.step_sums.scatter_add_(1, zz.unsqueeze(-1).expand(-1, -1, self.dk), kz)
+        self.step_pending = True
+
+    @torch.no_grad()
+    def commit_codebook_update(self):
+        """One EMA step towards the statistics gathered since the last call (summed over DDP
+        ranks), then clear them; train.py calls it once per optimizer step. No statistics, no update."""
+        if not self.step_pending:
+            return
+        counts, sums = self.step_counts, self.step_sums
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             stats = torch.cat([counts.unsqueeze(-1), sums], dim=-1)
             torch.distributed.all_reduce(stats)
             counts, sums = stats[..., 0], stats[..., 1:]
         self.c_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.c_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        self.step_counts.zero_()
+        self.step_sums.zero_()
+        self.step_pending = False
 
     def _content_q(self, q):
         """q + u: the query for content logits (window keys and codewords)."""
@@ -312,8 +330,8 @@ class VQGatedUnit(nn.Module):
             self.last_counts.zero_().scatter_add_(1, zz, torch.ones_like(zz, dtype=self.last_counts.dtype))
         bias = self._window_bias(q, self._rel(x.device))
         o = vq_attention(self._content_q(q), k_hat, z, v, self.codebook(), self.L, bias)
-        if self.training:  # after the codebook was used: this forward saw the old one
-            self.ema_update(k, z)
+        if self.training:  # the codebook moves only in commit_codebook_update, once per optimizer step
+            self.accumulate_codebook_stats(k, z)
         return self._out(o, g)
 
     # ---- decoding: the window (previous + current block) and per-code counts / value sums
@@ -937,6 +955,13 @@ class GPT(nn.Module):
             x, s = block.decode(x, s)
             new_states.append(s)
         return self.lm_head(self.transformer.ln_f(x[:, [-1], :])), new_states
+
+    def commit_codebook_updates(self):
+        """Apply the codebook statistics gathered by the training forwards since the last call
+        (vq's EMA): call it once per optimizer step, after the last micro-batch."""
+        for m in self.modules():
+            if hasattr(m, "commit_codebook_update"):
+                m.commit_codebook_update()
 
     def extra_metrics(self):
         """Per-layer block diagnostics (codebook health, fraction attended, ...)."""

@@ -130,6 +130,8 @@ def test_codebook_ema_update_arithmetic():
         _, k, _, _ = unit._project(x)
         z, _, _ = unit.quantize(k)
     y = unit(x)
+    assert torch.equal(unit.c_sum, old_sum) and torch.equal(unit.c_count, old_count)  # not before the step ends
+    unit.commit_codebook_update()
     n = torch.zeros(2, 16)
     s = torch.zeros(2, 16, 32)
     for b in range(2):
@@ -146,7 +148,43 @@ def test_codebook_ema_update_arithmetic():
     unit.eval()
     before = unit.c_sum.clone()
     unit(x)
+    unit.commit_codebook_update()
     assert torch.equal(unit.c_sum, before)
+
+
+def _accum_model():
+    torch.manual_seed(0)
+    return GPT(small_config(n_layer=2, vq_n_head=2, vq_ema_decay=0.9)).train()
+
+
+def test_codebook_updates_once_per_optimizer_step_under_accumulation():
+    """Gradient accumulation 4: the codebook after the step equals one EMA update over the four
+    micro-batches together (one forward over their concatenation), not four sequential updates."""
+    idx = torch.randint(0, 50, (4, 2, 24))  # 4 micro-batches of 2 sequences
+    accum = _accum_model()
+    c0 = [u.c_sum.clone() for u in accum.modules() if isinstance(u, VQGatedUnit)]
+    for micro in idx:
+        accum(micro, micro)[1].backward()
+        # every micro-batch of the step sees the step's initial codebook
+        assert all(torch.equal(u.c_sum, c) for u, c in zip(
+            (u for u in accum.modules() if isinstance(u, VQGatedUnit)), c0))
+    accum.commit_codebook_updates()
+    whole = _accum_model()
+    whole(idx.flatten(0, 1), idx.flatten(0, 1))
+    whole.commit_codebook_updates()
+    seq = _accum_model()
+    for micro in idx:
+        seq(micro, micro)
+        seq.commit_codebook_updates()
+    units = [[u for u in m.modules() if isinstance(u, VQGatedUnit)] for m in (accum, whole, seq)]
+    for a, w, s_ in zip(*units):
+        assert torch.allclose(a.c_count, w.c_count, atol=1e-5) and torch.allclose(a.c_sum, w.c_sum, atol=1e-5)
+        assert not torch.allclose(a.c_count, s_.c_count, atol=1e-2)
+        assert a.step_counts.sum() == 0 and not a.step_pending  # cleared for the next step
+    # a second commit without new statistics changes nothing
+    before = [u.c_sum.clone() for u in units[0]]
+    accum.commit_codebook_updates()
+    assert all(torch.equal(u.c_sum, b) for u, b in zip(units[0], before))
 
 
 def test_commitment_loss_in_training_only():
@@ -176,7 +214,7 @@ def test_commitment_loss_value():
     x = torch.randn(2, 19, 64)
     with torch.no_grad():
         _, k, _, _ = unit._project(x)
-        _, _, err = unit.quantize(k)  # before the EMA update that the forward makes
+        _, _, err = unit.quantize(k)
     unit(x)
     assert torch.allclose(unit.aux_loss, 0.25 * err.sum(1).mean())
     k.requires_grad_(True)
@@ -211,7 +249,7 @@ def test_extra_metrics():
     model = GPT(small_config())
     idx = torch.randint(0, 50, (2, 30))
     unit = model.transformer.h[0].attn.units[0]
-    with torch.no_grad():  # the codes layer 0 is about to assign (the forward then updates the EMA)
+    with torch.no_grad():  # the codes layer 0 is about to assign
         _, k, _, _ = unit._project(model.transformer.wte(idx))
         z, _, _ = unit.quantize(k)
     model(idx, idx)
@@ -379,6 +417,7 @@ def _ddp_worker(rank, world, path, out):
     unit = VQGatedUnit(small_config(vq_ema_decay=0.5)).train()
     x = torch.randn(world, 2, 15, 64)[rank]  # a different batch per rank
     unit(x)
+    unit.commit_codebook_update()
     torch.save({"count": unit.c_count, "sum": unit.c_sum}, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -393,4 +432,5 @@ def test_ddp_ranks_share_codebook_statistics(tmp_path):
     unit = VQGatedUnit(small_config(vq_ema_decay=0.5)).train()
     x = torch.randn(2, 2, 15, 64).reshape(4, 15, 64)
     unit(x)
+    unit.commit_codebook_update()
     assert torch.allclose(s0["count"], unit.c_count) and torch.allclose(s0["sum"], unit.c_sum, atol=1e-5)
