@@ -180,8 +180,9 @@ ATTENTION["dense"] = DenseAttention
 # j <= i of its own block and to all of block r-1; every older key (blocks <= r-2) is in a
 # compressive cache: per code s, its count N_s(r) and the mean of its values vbar_s(r):
 #
-#     logit_ij = (q_i + u) . k^_j + (q_i + w) . R_{i-j} [i-j <= L]    window (Transformer-XL bias)
-#     logit_is = (q_i + u) . c_s + log N_s(r)      (-inf when N_s(r) = 0)   cache
+#     logit_ij = (q_i + u') . k^_j + (q_i + w') . R_{i-j} [i-j <= L]   window (Transformer-XL bias)
+#     logit_is = (q_i + u') . c_s + log N_s(r)     (-inf when N_s(r) = 0)   cache
+#     (u' = u d_k^-1/4, w' = w d_k^-1/4: see the relative position bias below)
 #     o_i = sum_j a_ij v_j + sum_s a_is vbar_s(r),  a = one softmax over window and cache
 #
 # Because q . k^_j = q . c_{z_j}, the cache part equals exactly the sum over the cached keys,
@@ -193,8 +194,11 @@ ATTENTION["dense"] = DenseAttention
 #
 # Relative position bias (Transformer-XL, Dai et al. 2019, as in the official code):
 # R_d = W_r sin(d) d_k^-1/4 for distances d = 0..L (sinusoids of width n_embd), learned u and
-# w vectors (zero-initialised); the cache gets the content bias u but no position term, and
-# window keys further than L get none. The GPT therefore has no absolute position table.
+# w vectors (zero-initialised), used as u d_k^-1/4 and w d_k^-1/4: like q, k and R, the official
+# code multiplies its xl_u and xl_v parameters by tau^-1/2 = d_k^-1/4 (tau = sqrt(d_k)) where it
+# adds them to q, so (q + u) . k is (q~ + u) . k~ / sqrt(d_k) for the normalised q~, k~. The
+# cache gets the content bias u but no position term, and window keys further than L get none.
+# The GPT therefore has no absolute position table.
 #
 # Cost per layer, T tokens, d = d_k + d_v: time O(T (L + S) d), memory O(T d), no T x T tensor
 # in forward or backward. kernels/vq.py computes it block by block in Triton on CUDA (a query
@@ -307,12 +311,12 @@ class VQGatedUnit(nn.Module):
         self.step_pending = False
 
     def _content_q(self, q):
-        """q + u: the query for content logits (window keys and codewords)."""
-        return q + self.xl_u.to(q.dtype).view(1, self.H, 1, self.dk)
+        """q + u d_k^-1/4: the query for content logits (window keys and codewords)."""
+        return q + (self.xl_u * self.tau).to(q.dtype).view(1, self.H, 1, self.dk)
 
     def _window_bias(self, q, rel):
-        """(q + w) . R_d for d = 0..L: (B, H, T, L+1)."""
-        return (q + self.xl_w.to(q.dtype).view(1, self.H, 1, self.dk)) @ rel.transpose(-1, -2)
+        """(q + w d_k^-1/4) . R_d for d = 0..L: (B, H, T, L+1)."""
+        return (q + (self.xl_w * self.tau).to(q.dtype).view(1, self.H, 1, self.dk)) @ rel.transpose(-1, -2)
 
     def _out(self, o, g):
         B, H, T, dvh = o.shape

@@ -101,6 +101,41 @@ def test_block_module_equals_dense_over_its_quantized_keys():
     assert rel_err(unit(x), unit._out(ref, g)) < 1e-10
 
 
+def _random_position_terms(unit, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (unit.xl_u, unit.xl_w, unit.c_r.weight):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def unit_position_logits(unit, q, T):
+    """Independent form of the unit's Transformer-XL terms, as the official code scales them:
+    u and w are multiplied by d_k^-1/4 (like q, k and R) where they are added to q. Returns the
+    query for content logits q + u d_k^-1/4 and the (B, H, T, L+1) position logits for d = 0..L."""
+    H, dk, L, C = unit.H, unit.dk, unit.L, unit.C
+    d = torch.arange(L + 1, dtype=torch.float32)[:, None]  # sinusoids in float32, as the model makes them
+    inv = 10000.0 ** (-torch.arange(0, C, 2, dtype=torch.float32) / C)
+    sin = torch.cat([(d * inv).sin(), (d * inv).cos()], -1).to(q.dtype)  # (L+1, C)
+    R = (sin @ unit.c_r.weight.t().to(q.dtype)).view(L + 1, H, dk).transpose(0, 1) * dk ** -0.25
+    u = unit.xl_u.to(q.dtype).view(1, H, 1, dk) * dk ** -0.25
+    w = unit.xl_w.to(q.dtype).view(1, H, 1, dk) * dk ** -0.25
+    return q + u, (q + w) @ R.transpose(-1, -2)
+
+
+def test_block_module_with_position_terms_equals_dense_reference():
+    """The whole unit with u, w and W_r random: dense attention over k^ with the content bias
+    u d_k^-1/4 on every key and the position term (q + w d_k^-1/4) . R_{i-j} for i-j <= L."""
+    torch.manual_seed(0)
+    unit = VQGatedUnit(small_config(vq_n_head=2)).double().eval()
+    _random_position_terms(unit)
+    x = torch.randn(2, 29, 64, dtype=torch.float64)
+    q, k, v, g = unit._project(x)
+    _, k_hat, _ = unit.quantize(k)
+    qu, bias = unit_position_logits(unit, q, 29)
+    ref = dense_reference(qu, k_hat, v, unit.L, bias)
+    assert rel_err(unit(x), unit._out(ref, g)) < 1e-10
+
+
 # ---------------------------------------------------------------- quantizer and codebook
 
 
