@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from kernels.adaptive_sparse import Scorer, adaptive_sparse_attention, n_slots
 from kernels.generative import causal_generative_function, gf_compare
 from kernels.kernel_hashing import kernel_hashing_attention, kernel_hashing_query, kh_hash, kh_levels
-from kernels.vq import rms_norm, straight_through, vq_attention
+from kernels.vq import gau_dense_attention, rms_norm, straight_through, vq_attention
 
 
 @dataclass
@@ -58,6 +58,7 @@ class GPTConfig:
     vq_beta: float = 1e-4
     vq_ema_decay: float = 0.99
     vq_gau_layout: bool = False
+    vq_quantize: bool = True  # False: the dense-GAU ablation (no quantizer, exact attention over k)
     # kernel-hashing (LSH + sampling)
     kh_hash_bits: int = 8  # hyperplanes per hash; buckets are read in Gray-code order
     kh_bucket_block: int = 32  # keys per hashed block: the heavy entries a query scores exactly
@@ -207,6 +208,12 @@ ATTENTION["dense"] = DenseAttention
 # Decode: O(1) state per layer (the current and previous block, N and the value sums per
 # code) and O(L + S) time per token, independent of the context length.
 #
+# Dense-GAU ablation (vq_quantize=False): the same unit (norms, gate, u, w and R) with the
+# quantizer off: logit_ij = (q_i + u') . k_j + (q_i + w') . R_{i-j} [i-j <= L] over every key
+# j <= i (unquantized), one exact causal softmax; no codebook, no cache, no commitment loss.
+# It isolates what quantization and the cache cost. O(T^2) time and memory (a plain masked
+# softmax); decode keeps every key and value.
+#
 # vq_n_head > 1 splits d_k per head into separate heads with their own codebooks (d_v split
 # across heads, one shared gate); vq_gau_layout=True stacks two GAUs in the module (the
 # paper's layout; pair it with mlp_ratio=0 for two GAUs and no MLP per layer).
@@ -244,6 +251,11 @@ class VQGatedUnit(nn.Module):
         self.xl_w = nn.Parameter(torch.zeros(H * dk))  # position bias
         self.c_proj = nn.Linear(dv, C, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.quantized = config.vq_quantize
+        self.aux_loss = None
+        self.step_pending = False
+        if not self.quantized:  # the dense-GAU ablation keeps no codebook
+            return
         # codebook as EMA statistics: c = c_sum / max(c_count, 0.01)
         self.register_buffer("c_sum", torch.randn(H, self.S, dk) * self.tau)
         self.register_buffer("c_count", torch.ones(H, self.S))
@@ -251,8 +263,6 @@ class VQGatedUnit(nn.Module):
         # this optimizer step's statistics (all micro-batches so far), applied by commit_codebook_update
         self.register_buffer("step_counts", torch.zeros(H, self.S), persistent=False)
         self.register_buffer("step_sums", torch.zeros(H, self.S, dk), persistent=False)
-        self.step_pending = False
-        self.aux_loss = None
         self.last_commit = torch.zeros(())
 
     def codebook(self):
@@ -325,6 +335,9 @@ class VQGatedUnit(nn.Module):
 
     def forward(self, x):
         q, k, v, g = self._project(x)
+        if not self.quantized:  # dense-GAU ablation: the same unit, exact attention over k
+            bias = self._window_bias(q, self._rel(x.device))
+            return self._out(gau_dense_attention(self._content_q(q), k, v, self.L, bias), g)
         z, k_hat, err = self.quantize(k)
         commit = err.sum(1).mean()
         self.last_commit = (self.beta * commit).detach()  # read by extra_metrics (no sync here)
@@ -342,7 +355,15 @@ class VQGatedUnit(nn.Module):
     @torch.no_grad()
     def decode(self, x, state):
         """Incremental pass; state None starts a sequence at position 0. The state holds the
-        window's quantized keys, values and codes (at most 2L), and N, U per code."""
+        window's quantized keys, values and codes (at most 2L), and N, U per code.
+        The dense-GAU ablation keeps every key and value instead (O(T) state and time per token)."""
+        if not self.quantized:
+            q, k, v, g = self._project(x)
+            if state is not None:
+                k, v = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2)
+            bias = self._window_bias(q, self._rel(x.device))
+            o = gau_dense_attention(self._content_q(q), k, v, self.L, bias)
+            return self._out(o, g), dict(k=k, v=v)
         if state is None:  # prefill: one full forward, then keep what later tokens need
             q, k, v, g = self._project(x)
             z, k_hat, _ = self.quantize(k)
@@ -393,6 +414,8 @@ class VQGatedUnit(nn.Module):
         return self._out(o, g), state
 
     def extra_metrics(self):
+        if not self.quantized:
+            return {}
         cnt = self.last_counts
         frac = cnt / cnt.sum(-1, keepdim=True).clamp(min=1)
         entropy = -(frac * frac.clamp(min=1e-12).log()).sum(-1)
@@ -443,6 +466,8 @@ class VQAttention(nn.Module):
 
     def attn_flops_per_token(self, T):
         u = self.units[0]
+        if not u.quantized:  # dense-GAU ablation: every key, no quantizer
+            return len(self.units) * 6 * u.H * T * (u.dk + u.dv // u.H)
         keys = min(2 * u.L, T) + u.S  # window and cache entries per query
         # logits and weighted values, forward + backward (x3), 2 flops per MAC; quantizer distances
         return len(self.units) * (6 * u.H * keys * (u.dk + u.dv // u.H) + 2 * u.H * u.S * u.dk)

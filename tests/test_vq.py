@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, assert_causal, rel_err
-from kernels.vq import (_scan, rms_norm, vq_attention, vq_block_attention_torch, vq_chunk_attention_torch,
-                        vq_compressive_cache)
+from kernels.vq import (_scan, gau_dense_attention, rms_norm, vq_attention, vq_block_attention_torch,
+                        vq_chunk_attention_torch, vq_compressive_cache)
 from model import GPT, GPTConfig, VQGatedUnit
 
 
@@ -134,6 +134,98 @@ def test_block_module_with_position_terms_equals_dense_reference():
     qu, bias = unit_position_logits(unit, q, 29)
     ref = dense_reference(qu, k_hat, v, unit.L, bias)
     assert rel_err(unit(x), unit._out(ref, g)) < 1e-10
+
+
+# ---------------------------------------------------------------- dense-GAU ablation (vq_quantize=False)
+
+
+def band_reference(q, k, v, L, pos):
+    """Causal softmax attention of t queries at the last t of n positions, logits q . k_j plus
+    pos[i, d] at distance d = i - j <= L, by an explicit index (independent of the skew)."""
+    t, n = q.shape[2], k.shape[2]
+    d = (n - t + torch.arange(t))[:, None] - torch.arange(n)[None, :]
+    near = (d >= 0) & (d <= L)
+    s = q @ k.transpose(-1, -2) + torch.gather(pos, -1, d.clamp(0, L).expand(*pos.shape[:2], t, n)) * near
+    return torch.softmax(s.masked_fill(d < 0, float("-inf")), -1) @ v
+
+
+@pytest.mark.parametrize("t,n,L", [(29, 29, 8), (1, 40, 8), (5, 5, 8), (3, 7, 4), (1, 3, 6), (12, 50, 16)])
+def test_gau_dense_attention_equals_band_reference(t, n, L):
+    g = torch.Generator().manual_seed(t * 100 + n)
+    q = torch.randn(2, 2, t, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, n, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, n, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(2, 2, t, L + 1, generator=g, dtype=torch.float64, requires_grad=True)
+    out, ref = gau_dense_attention(q, k, v, L, pos), band_reference(q, k, v, L, pos)
+    assert rel_err(out, ref) < 1e-12
+    do = torch.randn_like(out)
+    for name, a, b in zip("qkvp", torch.autograd.grad(out, (q, k, v, pos), do),
+                          torch.autograd.grad(ref, (q, k, v, pos), do)):
+        assert rel_err(a, b) < 1e-12, name
+
+
+def _dense_gau_unit(**kw):
+    torch.manual_seed(0)
+    return VQGatedUnit(small_config(vq_quantize=False, **kw)).double().train()
+
+
+@pytest.mark.parametrize("H", [1, 2])
+def test_dense_gau_equals_dense_causal_attention_over_unquantized_keys(H):
+    """Position terms off (u, w and W_r zeroed): the unit is dense causal softmax attention over
+    its unquantized keys (SDPA), in outputs and in the gradients of every parameter and of x."""
+    unit = _dense_gau_unit(vq_n_head=H)
+    with torch.no_grad():
+        unit.c_r.weight.zero_()
+        unit.xl_u.zero_()
+        unit.xl_w.zero_()
+    x = torch.randn(2, 37, 64, dtype=torch.float64, requires_grad=True)
+
+    def reference(x):
+        q, k, v, g = unit._project(x)
+        return unit._out(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0), g)
+
+    out, ref = unit(x), reference(x)
+    assert rel_err(out, ref) < 1e-10
+    assert unit.aux_loss is None and not hasattr(unit, "c_sum")  # no quantizer, no codebook
+    leaves = (x, *[p for n, p in unit.named_parameters() if n not in ("c_r.weight", "xl_u", "xl_w")])
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, leaves, do), torch.autograd.grad(ref, leaves, do)):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_dense_gau_with_position_terms_equals_reference():
+    """u, w and W_r random: exact attention over unquantized k with content bias u d_k^-1/4 and the
+    position term (q + w d_k^-1/4) . R_{i-j} for i-j <= L; outputs and every gradient."""
+    unit = _dense_gau_unit(vq_n_head=2)
+    _random_position_terms(unit, seed=1)
+    x = torch.randn(2, 37, 64, dtype=torch.float64, requires_grad=True)
+
+    def reference(x):
+        q, k, v, g = unit._project(x)
+        qu, pos = unit_position_logits(unit, q, 37)
+        return unit._out(band_reference(qu, k, v, unit.L, pos), g)
+
+    out, ref = unit(x), reference(x)
+    assert rel_err(out, ref) < 1e-10
+    leaves = (x, *unit.parameters())
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, leaves, do), torch.autograd.grad(ref, leaves, do)):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_dense_gau_model_is_causal_and_has_no_codebook():
+    torch.manual_seed(0)
+    model = GPT(small_config(vq_quantize=False, vq_n_head=2)).eval()
+    for b in model.transformer.h:  # make the position terms matter
+        _random_position_terms(b.attn.units[0])
+    assert_causal(model, torch.randint(0, 50, (2, 40)), (3, 8, 17, 31), vocab_size=50, atol=1e-5, rtol=1e-5)
+    model.train()
+    idx = torch.randint(0, 50, (2, 24))
+    logits, loss = model(idx, idx)
+    assert model.last_aux_loss is None and torch.allclose(loss, F.cross_entropy(logits.view(-1, 50), idx.view(-1)))
+    assert not any("c_sum" in k or "c_count" in k for k in model.state_dict())
+    model.commit_codebook_updates()  # nothing to commit
+    assert model.extra_metrics() == {}
 
 
 # ---------------------------------------------------------------- quantizer and codebook
@@ -383,10 +475,14 @@ def _decode_config(**kw):
     return small_config(n_layer=2, block_size=24, vq_block_len=4, vq_codebook_size=8, **kw)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(vq_n_head=2), dict(vq_gau_layout=True, mlp_ratio=0.0)])
+@pytest.mark.parametrize("kw", [dict(), dict(vq_n_head=2), dict(vq_gau_layout=True, mlp_ratio=0.0),
+                                dict(vq_quantize=False, vq_n_head=2)])
 def test_decode_state_equals_full_forward(kw):
     torch.manual_seed(0)
     model = GPT(_decode_config(**kw)).eval()
+    for b in model.transformer.h:  # make the position terms matter
+        for u in b.attn.units:
+            _random_position_terms(u)
     idx = torch.randint(0, 50, (2, 27))  # past block_size: no absolute positions, no cropping
     full, _ = model(idx, idx)
     logits, states = model.decode(idx[:, :7], None, 0)
@@ -395,7 +491,10 @@ def test_decode_state_equals_full_forward(kw):
         logits, states = model.decode(idx[:, t:t + 1], states, t)
         assert torch.allclose(logits[:, -1], full[:, t], atol=1e-5), t
         unit_state = states[0][0][0]
-        assert unit_state["k"].shape[2] <= 2 * 4 and unit_state["U"].shape[2] == 8  # O(1) state
+        if kw.get("vq_quantize", True):
+            assert unit_state["k"].shape[2] <= 2 * 4 and unit_state["U"].shape[2] == 8  # O(1) state
+        else:  # the dense-GAU ablation keeps every key
+            assert unit_state["k"].shape[2] == t + 1
 
 
 def test_greedy_generation_with_cache_equals_without():
