@@ -217,6 +217,19 @@ ATTENTION["dense"] = DenseAttention
 # vq_n_head > 1 splits d_k per head into separate heads with their own codebooks (d_v split
 # across heads, one shared gate); vq_gau_layout=True stacks two GAUs in the module (the
 # paper's layout; pair it with mlp_ratio=0 for two GAUs and no MLP per layer).
+#
+# Deliberate deviations from the official code (transformer-vq/transformer_vq: nn/, scripts/), checked
+# against its source, one per line; the unit's arithmetic is otherwise the same:
+# - sinusoid base 10^4 (official pe_lam default 10^5); no dropout on the sinusoids (its p_dropsin).
+# - codebook init c_sum ~ N(0, d_k^-1/2), the keys' scale (official: fan-in scaling, N(0, 1/(H S))).
+# - input RMSNorm with a gain and no bias (official: gain and bias, its LayerNorm's defaults).
+# - GPT's final LayerNorm kept (official: none on enwik8, RMSNorm with gain and bias on PG-19).
+# - one GAU + the GPT's MLP per layer by default (official: two GAUs, d_ff=0: vq_gau_layout=True).
+# - vq_n_head splits d_v across heads (official: d_v per head, the width grows with n_head).
+# - window of one previous block (official: mem_len M, set per run, may differ from L).
+# - gradients always reach the previous block and the cache's values (official grad_thru_cache=1).
+# - each training window starts with an empty cache (official: update segments carry it over).
+# - GPT-2 init, one dropout rate, tied head, no output bias (official: fan-in init, several rates, bias).
 
 
 def _f32(t):
