@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from kernels.adaptive_sparse import Scorer, adaptive_sparse_attention, n_slots
 from kernels.generative import causal_generative_function, gf_compare
 from kernels.kernel_hashing import kernel_hashing_attention, kernel_hashing_query, kh_hash, kh_levels
-from kernels.vq import rms_norm, straight_through, vq_attention
+from kernels.vq import gau_dense_attention, rms_norm, straight_through, vq_attention
 
 
 @dataclass
@@ -59,6 +59,7 @@ class GPTConfig:
     vq_beta: float = 1e-4
     vq_ema_decay: float = 0.99
     vq_gau_layout: bool = False
+    vq_quantize: bool = True  # False: the dense-GAU ablation (no quantizer, exact attention over k)
     # kernel-hashing (LSH + sampling)
     kh_hash_bits: int = 8  # hyperplanes per hash; buckets are read in Gray-code order
     kh_bucket_block: int = 32  # keys per hashed block: the heavy entries a query scores exactly
@@ -170,16 +171,20 @@ ATTENTION["dense"] = DenseAttention
 #
 #     z_t = argmin_s |k_t - c_s|^2,   k^_t = sg(c_z) + k_t - sg(k_t)
 #     commitment loss  beta * mean_t |k_t - sg(c_z_t)|^2  (summed over heads), in aux_loss
-#     C = sums / max(counts, 0.01); in training forwards, from the batch (all-reduced under DDP):
+#     C = sums / max(counts, 0.01); once per optimizer step, over all its micro-batches (and DDP ranks):
 #         counts_s <- g counts_s + (1-g) #{t: z_t = s},  sums_s <- g sums_s + (1-g) sum_{z_t=s} k_t
-#     (buffers, never touched by the optimizer; g = vq_ema_decay)
+#     (buffers, never touched by the optimizer; g = vq_ema_decay). Training forwards only gather the
+#     counts and sums; GPT.commit_codebook_updates(), called by train.py after each optimizer step,
+#     applies them, so every micro-batch of a step sees the same codebook (as the official code,
+#     whose codebook is a parameter updated by SGD at rate 1 on a surrogate loss in the same step).
 #
 # Block-wise attention with block length L. A query i in block r attends exactly to the keys
 # j <= i of its own block and to all of block r-1; every older key (blocks <= r-2) is in a
 # compressive cache: per code s, its count N_s(r) and the mean of its values vbar_s(r):
 #
-#     logit_ij = (q_i + u) . k^_j + (q_i + w) . R_{i-j} [i-j <= L]    window (Transformer-XL bias)
-#     logit_is = (q_i + u) . c_s + log N_s(r)      (-inf when N_s(r) = 0)   cache
+#     logit_ij = (q_i + u') . k^_j + (q_i + w') . R_{i-j} [i-j <= L]   window (Transformer-XL bias)
+#     logit_is = (q_i + u') . c_s + log N_s(r)     (-inf when N_s(r) = 0)   cache
+#     (u' = u d_k^-1/4, w' = w d_k^-1/4: see the relative position bias below)
 #     o_i = sum_j a_ij v_j + sum_s a_is vbar_s(r),  a = one softmax over window and cache
 #
 # Because q . k^_j = q . c_{z_j}, the cache part equals exactly the sum over the cached keys,
@@ -191,8 +196,11 @@ ATTENTION["dense"] = DenseAttention
 #
 # Relative position bias (Transformer-XL, Dai et al. 2019, as in the official code):
 # R_d = W_r sin(d) d_k^-1/4 for distances d = 0..L (sinusoids of width n_embd), learned u and
-# w vectors (zero-initialised); the cache gets the content bias u but no position term, and
-# window keys further than L get none. The GPT therefore has no absolute position table.
+# w vectors (zero-initialised), used as u d_k^-1/4 and w d_k^-1/4: like q, k and R, the official
+# code multiplies its xl_u and xl_v parameters by tau^-1/2 = d_k^-1/4 (tau = sqrt(d_k)) where it
+# adds them to q, so (q + u) . k is (q~ + u) . k~ / sqrt(d_k) for the normalised q~, k~. The
+# cache gets the content bias u but no position term, and window keys further than L get none.
+# The GPT therefore has no absolute position table.
 #
 # Cost per layer, T tokens, d = d_k + d_v: time O(T (L + S) d), memory O(T d), no T x T tensor
 # in forward or backward. kernels/vq.py computes it block by block in Triton on CUDA (a query
@@ -201,9 +209,28 @@ ATTENTION["dense"] = DenseAttention
 # Decode: O(1) state per layer (the current and previous block, N and the value sums per
 # code) and O(L + S) time per token, independent of the context length.
 #
+# Dense-GAU ablation (vq_quantize=False): the same unit (norms, gate, u, w and R) with the
+# quantizer off: logit_ij = (q_i + u') . k_j + (q_i + w') . R_{i-j} [i-j <= L] over every key
+# j <= i (unquantized), one exact causal softmax; no codebook, no cache, no commitment loss.
+# It isolates what quantization and the cache cost. O(T^2) time and memory (a plain masked
+# softmax); decode keeps every key and value.
+#
 # vq_n_head > 1 splits d_k per head into separate heads with their own codebooks (d_v split
 # across heads, one shared gate); vq_gau_layout=True stacks two GAUs in the module (the
 # paper's layout; pair it with mlp_ratio=0 for two GAUs and no MLP per layer).
+#
+# Deliberate deviations from the official code (transformer-vq/transformer_vq: nn/, scripts/), checked
+# against its source, one per line; the unit's arithmetic is otherwise the same:
+# - sinusoid base 10^4 (official pe_lam default 10^5); no dropout on the sinusoids (its p_dropsin).
+# - codebook init c_sum ~ N(0, d_k^-1/2), the keys' scale (official: fan-in scaling, N(0, 1/(H S))).
+# - input RMSNorm with a gain and no bias (official: gain and bias, its LayerNorm's defaults).
+# - GPT's final LayerNorm kept (official: none on enwik8, RMSNorm with gain and bias on PG-19).
+# - one GAU + the GPT's MLP per layer by default (official: two GAUs, d_ff=0: vq_gau_layout=True).
+# - vq_n_head splits d_v across heads (official: d_v per head, the width grows with n_head).
+# - window of one previous block (official: mem_len M, set per run, may differ from L).
+# - gradients always reach the previous block and the cache's values (official grad_thru_cache=1).
+# - each training window starts with an empty cache (official: update segments carry it over).
+# - GPT-2 init, one dropout rate, tied head, no output bias (official: fan-in init, several rates, bias).
 
 
 def _f32(t):
@@ -238,11 +265,18 @@ class VQGatedUnit(nn.Module):
         self.xl_w = nn.Parameter(torch.zeros(H * dk))  # position bias
         self.c_proj = nn.Linear(dv, C, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.quantized = config.vq_quantize
+        self.aux_loss = None
+        self.step_pending = False
+        if not self.quantized:  # the dense-GAU ablation keeps no codebook
+            return
         # codebook as EMA statistics: c = c_sum / max(c_count, 0.01)
         self.register_buffer("c_sum", torch.randn(H, self.S, dk) * self.tau)
         self.register_buffer("c_count", torch.ones(H, self.S))
         self.register_buffer("last_counts", torch.zeros(H, self.S), persistent=False)  # diagnostics
-        self.aux_loss = None
+        # this optimizer step's statistics (all micro-batches so far), applied by commit_codebook_update
+        self.register_buffer("step_counts", torch.zeros(H, self.S), persistent=False)
+        self.register_buffer("step_sums", torch.zeros(H, self.S, dk), persistent=False)
         self.last_commit = torch.zeros(())
 
     def codebook(self):
@@ -275,27 +309,38 @@ class VQGatedUnit(nn.Module):
         return z, straight_through(k, cz), err
 
     @torch.no_grad()
-    def ema_update(self, k, z):
-        """Move the codebook statistics towards this batch's (summed over DDP ranks)."""
+    def accumulate_codebook_stats(self, k, z):
+        """Add this micro-batch's per-code counts and key sums to the step's statistics."""
         kz = k.detach().to(self.c_sum.dtype).transpose(0, 1).reshape(self.H, -1, self.dk)  # (H, B*T, d_k)
         zz = z.transpose(0, 1).reshape(self.H, -1)
-        counts = torch.zeros_like(self.c_count).scatter_add_(1, zz, torch.ones_like(zz, dtype=self.c_count.dtype))
-        sums = torch.zeros_like(self.c_sum).scatter_add_(
-            1, zz.unsqueeze(-1).expand(-1, -1, self.dk), kz)
+        self.step_counts.scatter_add_(1, zz, torch.ones_like(zz, dtype=self.step_counts.dtype))
+        self.step_sums.scatter_add_(1, zz.unsqueeze(-1).expand(-1, -1, self.dk), kz)
+        self.step_pending = True
+
+    @torch.no_grad()
+    def commit_codebook_update(self):
+        """One EMA step towards the statistics gathered since the last call (summed over DDP
+        ranks), then clear them; train.py calls it once per optimizer step. No statistics, no update."""
+        if not self.step_pending:
+            return
+        counts, sums = self.step_counts, self.step_sums
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             stats = torch.cat([counts.unsqueeze(-1), sums], dim=-1)
             torch.distributed.all_reduce(stats)
             counts, sums = stats[..., 0], stats[..., 1:]
         self.c_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.c_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        self.step_counts.zero_()
+        self.step_sums.zero_()
+        self.step_pending = False
 
     def _content_q(self, q):
-        """q + u: the query for content logits (window keys and codewords)."""
-        return q + self.xl_u.to(q.dtype).view(1, self.H, 1, self.dk)
+        """q + u d_k^-1/4: the query for content logits (window keys and codewords)."""
+        return q + (self.xl_u * self.tau).to(q.dtype).view(1, self.H, 1, self.dk)
 
     def _window_bias(self, q, rel):
-        """(q + w) . R_d for d = 0..L: (B, H, T, L+1)."""
-        return (q + self.xl_w.to(q.dtype).view(1, self.H, 1, self.dk)) @ rel.transpose(-1, -2)
+        """(q + w d_k^-1/4) . R_d for d = 0..L: (B, H, T, L+1)."""
+        return (q + (self.xl_w * self.tau).to(q.dtype).view(1, self.H, 1, self.dk)) @ rel.transpose(-1, -2)
 
     def _out(self, o, g):
         B, H, T, dvh = o.shape
@@ -304,6 +349,9 @@ class VQGatedUnit(nn.Module):
 
     def forward(self, x):
         q, k, v, g = self._project(x)
+        if not self.quantized:  # dense-GAU ablation: the same unit, exact attention over k
+            bias = self._window_bias(q, self._rel(x.device))
+            return self._out(gau_dense_attention(self._content_q(q), k, v, self.L, bias), g)
         z, k_hat, err = self.quantize(k)
         commit = err.sum(1).mean()
         self.last_commit = (self.beta * commit).detach()  # read by extra_metrics (no sync here)
@@ -313,15 +361,23 @@ class VQGatedUnit(nn.Module):
             self.last_counts.zero_().scatter_add_(1, zz, torch.ones_like(zz, dtype=self.last_counts.dtype))
         bias = self._window_bias(q, self._rel(x.device))
         o = vq_attention(self._content_q(q), k_hat, z, v, self.codebook(), self.L, bias)
-        if self.training:  # after the codebook was used: this forward saw the old one
-            self.ema_update(k, z)
+        if self.training:  # the codebook moves only in commit_codebook_update, once per optimizer step
+            self.accumulate_codebook_stats(k, z)
         return self._out(o, g)
 
     # ---- decoding: the window (previous + current block) and per-code counts / value sums
     @torch.no_grad()
     def decode(self, x, state):
         """Incremental pass; state None starts a sequence at position 0. The state holds the
-        window's quantized keys, values and codes (at most 2L), and N, U per code."""
+        window's quantized keys, values and codes (at most 2L), and N, U per code.
+        The dense-GAU ablation keeps every key and value instead (O(T) state and time per token)."""
+        if not self.quantized:
+            q, k, v, g = self._project(x)
+            if state is not None:
+                k, v = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2)
+            bias = self._window_bias(q, self._rel(x.device))
+            o = gau_dense_attention(self._content_q(q), k, v, self.L, bias)
+            return self._out(o, g), dict(k=k, v=v)
         if state is None:  # prefill: one full forward, then keep what later tokens need
             q, k, v, g = self._project(x)
             z, k_hat, _ = self.quantize(k)
@@ -372,6 +428,8 @@ class VQGatedUnit(nn.Module):
         return self._out(o, g), state
 
     def extra_metrics(self):
+        if not self.quantized:
+            return {}
         cnt = self.last_counts
         frac = cnt / cnt.sum(-1, keepdim=True).clamp(min=1)
         entropy = -(frac * frac.clamp(min=1e-12).log()).sum(-1)
@@ -422,6 +480,8 @@ class VQAttention(nn.Module):
 
     def attn_flops_per_token(self, T):
         u = self.units[0]
+        if not u.quantized:  # dense-GAU ablation: every key, no quantizer
+            return len(self.units) * 6 * u.H * T * (u.dk + u.dv // u.H)
         keys = min(2 * u.L, T) + u.S  # window and cache entries per query
         # logits and weighted values, forward + backward (x3), 2 flops per MAC; quantizer distances
         return len(self.units) * (6 * u.H * keys * (u.dk + u.dv // u.H) + 2 * u.H * u.S * u.dk)
@@ -963,6 +1023,13 @@ class GPT(nn.Module):
             x, s = block.decode(x, s)
             new_states.append(s)
         return self.lm_head(self.transformer.ln_f(x[:, [-1], :])), new_states
+
+    def commit_codebook_updates(self):
+        """Apply the codebook statistics gathered by the training forwards since the last call
+        (vq's EMA): call it once per optimizer step, after the last micro-batch."""
+        for m in self.modules():
+            if hasattr(m, "commit_codebook_update"):
+                m.commit_codebook_update()
 
     def extra_metrics(self):
         """Per-layer block diagnostics (codebook health, fraction attended, ...)."""

@@ -466,6 +466,7 @@ def main(argv):
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         scaler.step(optimizer)
         scaler.update()
+        raw_model.commit_codebook_updates()  # vq: one EMA codebook update per optimizer step
         optimizer.zero_grad(set_to_none=True)
         if device_type == "cuda":
             torch.cuda.synchronize()

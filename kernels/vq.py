@@ -4,6 +4,8 @@
                          block (what the Triton kernels compute); straight_through, the quantizer's STE
     CPU-fast path        vq_chunk_attention_torch: chunk by chunk (G blocks), a cache per chunk; rms_norm
     entry point          vq_attention: the Triton kernels on CUDA, the chunked path elsewhere
+    dense-GAU ablation   gau_dense_attention: exact causal attention over unquantized keys with the
+                         same position terms (vq_quantize=False), a plain masked softmax, O(T^2)
     Triton kernels       vq_block_attention (VQBlockAttention): forward and backward, below
 
 The chunked path, C = G L positions per chunk: its queries score key by key the block before the
@@ -319,6 +321,35 @@ def vq_attention(q, k_hat, z, v, codebook, L, bias=None, chunk_blocks=None):
     else:
         o = vq_chunk_attention_torch(q, k_hat, z, v, bias, codebook, L, G)
     return o[:, :, :T]
+
+
+# ------------------------------------------------------------------------------- dense-GAU ablation
+
+def _band(pos, n, L):
+    """Position logits pos (B, H, t, L+1) for distances 0..L of t queries sitting at the last t of
+    n key positions, laid out as (B, H, t, n): entry (i, j) is pos[i, d] with d = n - t + i - j the
+    distance, zero for d outside 0..L. A skew by padding (each row shifted one further than the
+    last), no index tensor."""
+    t = pos.shape[-2]
+    skew = F.pad(pos.flip(-1), (0, t)).flatten(-2)[..., :t * (L + t)].unflatten(-1, (t, L + t))
+    off = n - t - L  # key position of the skewed table's first column
+    return F.pad(skew, (off, 0)) if off >= 0 else skew[..., -off:]
+
+
+def gau_dense_attention(q, k, v, L, pos=None):
+    """Exact causal softmax attention of t queries q (B, H, t, d_k) at the last t of the n positions
+    of keys k (B, H, n, d_k) and values v (B, H, n, d_v): logits q . k_j (q, k pre-scaled), plus
+    pos[i, i-j] for distances i-j <= L when pos (B, H, t, L+1) is given. Computed in float32 at
+    least; time and memory O(t n) (a t x n logit matrix: the ablation's cost, not a fast path)."""
+    if torch.is_autocast_enabled(q.device.type):
+        with torch.autocast(q.device.type, enabled=False):
+            return gau_dense_attention(q.float(), k.float(), v.float(), L, None if pos is None else pos.float())
+    t, n = q.shape[2], k.shape[2]
+    s = q @ k.transpose(-1, -2)
+    if pos is not None:
+        s = s + _band(pos, n, L)
+    causal = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(n - t)
+    return torch.softmax(s.masked_fill_(~causal, float("-inf")), dim=-1) @ v
 
 
 # ------------------------------------------------------------------------------- Triton kernels

@@ -74,6 +74,19 @@ def test_resume_is_exact(workdir):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_vq_codebook_moves_once_per_optimizer_step(workdir):
+    """Gradient accumulation 2, one step: the EMA counts hold one update over both micro-batches
+    (g S + (1-g) tokens per head), not two updates, nor none."""
+    train(workdir, "o_vqacc", "--attention=vq", "--vq_codebook_size=16", "--vq_block_len=8", "--vq_d_k=16",
+          "--vq_ema_decay=0.5", "--gradient_accumulation_steps=2", "--max_iters=1", "--eval_interval=1",
+          "--lr_decay_iters=1", "--always_save_checkpoint=True")
+    model = torch.load(workdir / "o_vqacc" / "ckpt.pt", weights_only=True)["model"]
+    counts = [v for k, v in model.items() if k.endswith("c_count")]
+    assert len(counts) == 2
+    for c in counts:
+        assert torch.allclose(c.sum(-1), torch.tensor(0.5 * 16 + 0.5 * 2 * 8 * 32)), c.sum(-1)
+
+
 def test_evaluation_windows_are_the_same_for_every_batch_size_and_seed(workdir):
     train(workdir, "o_eval", "--max_iters=10", "--eval_interval=10", "--lr_decay_iters=10")
     got = []

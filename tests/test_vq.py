@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, assert_causal, rel_err
-from kernels.vq import (_scan, rms_norm, vq_attention, vq_block_attention_torch, vq_chunk_attention_torch,
-                        vq_compressive_cache)
+from kernels.vq import (_scan, gau_dense_attention, rms_norm, vq_attention, vq_block_attention_torch,
+                        vq_chunk_attention_torch, vq_compressive_cache)
 from model import GPT, GPTConfig, VQGatedUnit
 
 
@@ -101,6 +101,133 @@ def test_block_module_equals_dense_over_its_quantized_keys():
     assert rel_err(unit(x), unit._out(ref, g)) < 1e-10
 
 
+def _random_position_terms(unit, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (unit.xl_u, unit.xl_w, unit.c_r.weight):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def unit_position_logits(unit, q, T):
+    """Independent form of the unit's Transformer-XL terms, as the official code scales them:
+    u and w are multiplied by d_k^-1/4 (like q, k and R) where they are added to q. Returns the
+    query for content logits q + u d_k^-1/4 and the (B, H, T, L+1) position logits for d = 0..L."""
+    H, dk, L, C = unit.H, unit.dk, unit.L, unit.C
+    d = torch.arange(L + 1, dtype=torch.float32)[:, None]  # sinusoids in float32, as the model makes them
+    inv = 10000.0 ** (-torch.arange(0, C, 2, dtype=torch.float32) / C)
+    sin = torch.cat([(d * inv).sin(), (d * inv).cos()], -1).to(q.dtype)  # (L+1, C)
+    R = (sin @ unit.c_r.weight.t().to(q.dtype)).view(L + 1, H, dk).transpose(0, 1) * dk ** -0.25
+    u = unit.xl_u.to(q.dtype).view(1, H, 1, dk) * dk ** -0.25
+    w = unit.xl_w.to(q.dtype).view(1, H, 1, dk) * dk ** -0.25
+    return q + u, (q + w) @ R.transpose(-1, -2)
+
+
+def test_block_module_with_position_terms_equals_dense_reference():
+    """The whole unit with u, w and W_r random: dense attention over k^ with the content bias
+    u d_k^-1/4 on every key and the position term (q + w d_k^-1/4) . R_{i-j} for i-j <= L."""
+    torch.manual_seed(0)
+    unit = VQGatedUnit(small_config(vq_n_head=2)).double().eval()
+    _random_position_terms(unit)
+    x = torch.randn(2, 29, 64, dtype=torch.float64)
+    q, k, v, g = unit._project(x)
+    _, k_hat, _ = unit.quantize(k)
+    qu, bias = unit_position_logits(unit, q, 29)
+    ref = dense_reference(qu, k_hat, v, unit.L, bias)
+    assert rel_err(unit(x), unit._out(ref, g)) < 1e-10
+
+
+# ---------------------------------------------------------------- dense-GAU ablation (vq_quantize=False)
+
+
+def band_reference(q, k, v, L, pos):
+    """Causal softmax attention of t queries at the last t of n positions, logits q . k_j plus
+    pos[i, d] at distance d = i - j <= L, by an explicit index (independent of the skew)."""
+    t, n = q.shape[2], k.shape[2]
+    d = (n - t + torch.arange(t))[:, None] - torch.arange(n)[None, :]
+    near = (d >= 0) & (d <= L)
+    s = q @ k.transpose(-1, -2) + torch.gather(pos, -1, d.clamp(0, L).expand(*pos.shape[:2], t, n)) * near
+    return torch.softmax(s.masked_fill(d < 0, float("-inf")), -1) @ v
+
+
+@pytest.mark.parametrize("t,n,L", [(29, 29, 8), (1, 40, 8), (5, 5, 8), (3, 7, 4), (1, 3, 6), (12, 50, 16)])
+def test_gau_dense_attention_equals_band_reference(t, n, L):
+    g = torch.Generator().manual_seed(t * 100 + n)
+    q = torch.randn(2, 2, t, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, n, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, n, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(2, 2, t, L + 1, generator=g, dtype=torch.float64, requires_grad=True)
+    out, ref = gau_dense_attention(q, k, v, L, pos), band_reference(q, k, v, L, pos)
+    assert rel_err(out, ref) < 1e-12
+    do = torch.randn_like(out)
+    for name, a, b in zip("qkvp", torch.autograd.grad(out, (q, k, v, pos), do),
+                          torch.autograd.grad(ref, (q, k, v, pos), do)):
+        assert rel_err(a, b) < 1e-12, name
+
+
+def _dense_gau_unit(**kw):
+    torch.manual_seed(0)
+    return VQGatedUnit(small_config(vq_quantize=False, **kw)).double().train()
+
+
+@pytest.mark.parametrize("H", [1, 2])
+def test_dense_gau_equals_dense_causal_attention_over_unquantized_keys(H):
+    """Position terms off (u, w and W_r zeroed): the unit is dense causal softmax attention over
+    its unquantized keys (SDPA), in outputs and in the gradients of every parameter and of x."""
+    unit = _dense_gau_unit(vq_n_head=H)
+    with torch.no_grad():
+        unit.c_r.weight.zero_()
+        unit.xl_u.zero_()
+        unit.xl_w.zero_()
+    x = torch.randn(2, 37, 64, dtype=torch.float64, requires_grad=True)
+
+    def reference(x):
+        q, k, v, g = unit._project(x)
+        return unit._out(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0), g)
+
+    out, ref = unit(x), reference(x)
+    assert rel_err(out, ref) < 1e-10
+    assert unit.aux_loss is None and not hasattr(unit, "c_sum")  # no quantizer, no codebook
+    leaves = (x, *[p for n, p in unit.named_parameters() if n not in ("c_r.weight", "xl_u", "xl_w")])
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, leaves, do), torch.autograd.grad(ref, leaves, do)):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_dense_gau_with_position_terms_equals_reference():
+    """u, w and W_r random: exact attention over unquantized k with content bias u d_k^-1/4 and the
+    position term (q + w d_k^-1/4) . R_{i-j} for i-j <= L; outputs and every gradient."""
+    unit = _dense_gau_unit(vq_n_head=2)
+    _random_position_terms(unit, seed=1)
+    x = torch.randn(2, 37, 64, dtype=torch.float64, requires_grad=True)
+
+    def reference(x):
+        q, k, v, g = unit._project(x)
+        qu, pos = unit_position_logits(unit, q, 37)
+        return unit._out(band_reference(qu, k, v, unit.L, pos), g)
+
+    out, ref = unit(x), reference(x)
+    assert rel_err(out, ref) < 1e-10
+    leaves = (x, *unit.parameters())
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, leaves, do), torch.autograd.grad(ref, leaves, do)):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_dense_gau_model_is_causal_and_has_no_codebook():
+    torch.manual_seed(0)
+    model = GPT(small_config(vq_quantize=False, vq_n_head=2)).eval()
+    for b in model.transformer.h:  # make the position terms matter
+        _random_position_terms(b.attn.units[0])
+    assert_causal(model, torch.randint(0, 50, (2, 40)), (3, 8, 17, 31), vocab_size=50, atol=1e-5, rtol=1e-5)
+    model.train()
+    idx = torch.randint(0, 50, (2, 24))
+    logits, loss = model(idx, idx)
+    assert model.last_aux_loss is None and torch.allclose(loss, F.cross_entropy(logits.view(-1, 50), idx.view(-1)))
+    assert not any("c_sum" in k or "c_count" in k for k in model.state_dict())
+    model.commit_codebook_updates()  # nothing to commit
+    assert model.extra_metrics() == {}
+
+
 # ---------------------------------------------------------------- quantizer and codebook
 
 
@@ -130,6 +257,8 @@ def test_codebook_ema_update_arithmetic():
         _, k, _, _ = unit._project(x)
         z, _, _ = unit.quantize(k)
     y = unit(x)
+    assert torch.equal(unit.c_sum, old_sum) and torch.equal(unit.c_count, old_count)  # not before the step ends
+    unit.commit_codebook_update()
     n = torch.zeros(2, 16)
     s = torch.zeros(2, 16, 32)
     for b in range(2):
@@ -146,7 +275,43 @@ def test_codebook_ema_update_arithmetic():
     unit.eval()
     before = unit.c_sum.clone()
     unit(x)
+    unit.commit_codebook_update()
     assert torch.equal(unit.c_sum, before)
+
+
+def _accum_model():
+    torch.manual_seed(0)
+    return GPT(small_config(n_layer=2, vq_n_head=2, vq_ema_decay=0.9)).train()
+
+
+def test_codebook_updates_once_per_optimizer_step_under_accumulation():
+    """Gradient accumulation 4: the codebook after the step equals one EMA update over the four
+    micro-batches together (one forward over their concatenation), not four sequential updates."""
+    idx = torch.randint(0, 50, (4, 2, 24))  # 4 micro-batches of 2 sequences
+    accum = _accum_model()
+    c0 = [u.c_sum.clone() for u in accum.modules() if isinstance(u, VQGatedUnit)]
+    for micro in idx:
+        accum(micro, micro)[1].backward()
+        # every micro-batch of the step sees the step's initial codebook
+        assert all(torch.equal(u.c_sum, c) for u, c in zip(
+            (u for u in accum.modules() if isinstance(u, VQGatedUnit)), c0))
+    accum.commit_codebook_updates()
+    whole = _accum_model()
+    whole(idx.flatten(0, 1), idx.flatten(0, 1))
+    whole.commit_codebook_updates()
+    seq = _accum_model()
+    for micro in idx:
+        seq(micro, micro)
+        seq.commit_codebook_updates()
+    units = [[u for u in m.modules() if isinstance(u, VQGatedUnit)] for m in (accum, whole, seq)]
+    for a, w, s_ in zip(*units):
+        assert torch.allclose(a.c_count, w.c_count, atol=1e-5) and torch.allclose(a.c_sum, w.c_sum, atol=1e-5)
+        assert not torch.allclose(a.c_count, s_.c_count, atol=1e-2)
+        assert a.step_counts.sum() == 0 and not a.step_pending  # cleared for the next step
+    # a second commit without new statistics changes nothing
+    before = [u.c_sum.clone() for u in units[0]]
+    accum.commit_codebook_updates()
+    assert all(torch.equal(u.c_sum, b) for u, b in zip(units[0], before))
 
 
 def test_commitment_loss_in_training_only():
@@ -176,7 +341,7 @@ def test_commitment_loss_value():
     x = torch.randn(2, 19, 64)
     with torch.no_grad():
         _, k, _, _ = unit._project(x)
-        _, _, err = unit.quantize(k)  # before the EMA update that the forward makes
+        _, _, err = unit.quantize(k)
     unit(x)
     assert torch.allclose(unit.aux_loss, 0.25 * err.sum(1).mean())
     k.requires_grad_(True)
@@ -211,7 +376,7 @@ def test_extra_metrics():
     model = GPT(small_config())
     idx = torch.randint(0, 50, (2, 30))
     unit = model.transformer.h[0].attn.units[0]
-    with torch.no_grad():  # the codes layer 0 is about to assign (the forward then updates the EMA)
+    with torch.no_grad():  # the codes layer 0 is about to assign
         _, k, _, _ = unit._project(model.transformer.wte(idx))
         z, _, _ = unit.quantize(k)
     model(idx, idx)
@@ -310,10 +475,14 @@ def _decode_config(**kw):
     return small_config(n_layer=2, block_size=24, vq_block_len=4, vq_codebook_size=8, **kw)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(vq_n_head=2), dict(vq_gau_layout=True, mlp_ratio=0.0)])
+@pytest.mark.parametrize("kw", [dict(), dict(vq_n_head=2), dict(vq_gau_layout=True, mlp_ratio=0.0),
+                                dict(vq_quantize=False, vq_n_head=2)])
 def test_decode_state_equals_full_forward(kw):
     torch.manual_seed(0)
     model = GPT(_decode_config(**kw)).eval()
+    for b in model.transformer.h:  # make the position terms matter
+        for u in b.attn.units:
+            _random_position_terms(u)
     idx = torch.randint(0, 50, (2, 27))  # past block_size: no absolute positions, no cropping
     full, _ = model(idx, idx)
     logits, states = model.decode(idx[:, :7], None, 0)
@@ -322,7 +491,10 @@ def test_decode_state_equals_full_forward(kw):
         logits, states = model.decode(idx[:, t:t + 1], states, t)
         assert torch.allclose(logits[:, -1], full[:, t], atol=1e-5), t
         unit_state = states[0][0][0]
-        assert unit_state["k"].shape[2] <= 2 * 4 and unit_state["U"].shape[2] == 8  # O(1) state
+        if kw.get("vq_quantize", True):
+            assert unit_state["k"].shape[2] <= 2 * 4 and unit_state["U"].shape[2] == 8  # O(1) state
+        else:  # the dense-GAU ablation keeps every key
+            assert unit_state["k"].shape[2] == t + 1
 
 
 def test_greedy_generation_with_cache_equals_without():
@@ -379,6 +551,7 @@ def _ddp_worker(rank, world, path, out):
     unit = VQGatedUnit(small_config(vq_ema_decay=0.5)).train()
     x = torch.randn(world, 2, 15, 64)[rank]  # a different batch per rank
     unit(x)
+    unit.commit_codebook_update()
     torch.save({"count": unit.c_count, "sum": unit.c_sum}, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -393,4 +566,5 @@ def test_ddp_ranks_share_codebook_statistics(tmp_path):
     unit = VQGatedUnit(small_config(vq_ema_decay=0.5)).train()
     x = torch.randn(2, 2, 15, 64).reshape(4, 15, 64)
     unit(x)
+    unit.commit_codebook_update()
     assert torch.allclose(s0["count"], unit.c_count) and torch.allclose(s0["sum"], unit.c_sum, atol=1e-5)
