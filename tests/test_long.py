@@ -119,3 +119,14 @@ def test_recall_runs_end_to_end_and_rejects_bad_input(tmp_path):
                      (["--iters=0"], "iters")):
         r = run(["recall.py", *bad, f"--out={tmp_path}"], timeout=120)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_long_vq_and_dense_gau_at_parameter_parity_with_dense():
+    from model import GPT, GPTConfig
+
+    def params(f, *flags):
+        c = load(f, *flags)
+        return GPT(GPTConfig(**{k: c[k] for k in train.MODEL_KEYS if k != "vocab_size"}, vocab_size=65)).get_num_params()
+    dense = params("long_dense.py")  # without dense's absolute position table (vq has none): named in the README
+    for flags in ((), ("--vq_quantize=False",)):
+        assert abs(params("long_vq.py", *flags) / dense - 1) < 0.02, flags
