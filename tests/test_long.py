@@ -130,3 +130,21 @@ def test_long_vq_and_dense_gau_at_parameter_parity_with_dense():
     dense = params("long_dense.py")  # without dense's absolute position table (vq has none): named in the README
     for flags in ((), ("--vq_quantize=False",)):
         assert abs(params("long_vq.py", *flags) / dense - 1) < 0.02, flags
+
+
+def test_kept_blocks_report_on_a_trained_checkpoint(tiny_data):
+    out = tiny_data / "o-as-kept"
+    r = run(["-m", "train", os.path.join(ROOT, "config", "long_adaptive_sparse.py"), "--dataset=tiny", "--block_size=256",
+             "--n_layer=2", "--as_block=16", "--as_k_max=4", "--max_iters=4", "--eval_interval=4", "--eval_tokens=1024",
+             "--always_save_checkpoint=True", f"--out_dir={out}"], cwd=tiny_data, timeout=300)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
+    r = run(["kept_blocks.py", f"--out_dir={out}", f"--data_dir={tiny_data / 'data'}", "--windows=3", "--batch=2"])
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
+    rows = json.load(open(out / "kept_blocks.json"))
+    assert len(rows) == 2 * 4 and (out / "kept_blocks.png").exists()
+    for row in rows:
+        assert 1 <= row["kept_min"] <= row["kept_mean"] <= row["kept_max"] <= 4 and 0 <= row["at_cap"] <= 1
+        assert 0 < row["read_fraction"] <= 1
+    dense = tiny_data / "o-long_dense.py"  # trained by the test above: not an adaptive-sparse model
+    r = run(["kept_blocks.py", f"--out_dir={dense}", f"--data_dir={tiny_data / 'data'}"])
+    assert r.returncode == 2 and "reads adaptive-sparse" in r.stderr and "Traceback" not in r.stderr

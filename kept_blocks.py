@@ -1,0 +1,136 @@
+"""
+Adaptive-sparse selection on a trained checkpoint: how many key blocks each query block keeps.
+
+    python kept_blocks.py --out_dir=results/long-cpu/adaptive-sparse-s0
+    python kept_blocks.py --out_dir=out-long-adaptive-sparse --windows=32 --report_dir=reports/as
+
+Runs validation windows (the fixed evaluation windows of train.py: the first windows x block_size
+tokens of val) through the checkpoint and reads each layer's selection (module.last_kept: scored
+candidates kept per query block and head, beyond the two always-attended blocks). Reports, per layer
+and head, the mean, min and max kept count over query blocks that have candidates, the share of
+those at the cap (kept = k_max while more candidates exist: the cap, not the threshold, decided),
+the spread of the per-window mean across windows (how selection varies with the input), and the
+fraction of causal (query, key) pairs read exactly. Writes kept_blocks.md, kept_blocks.json and
+kept_blocks.png (histogram of kept counts per layer, one line per head) into report_dir.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+import configurator
+import ngram
+from model import GPT, GPTConfig
+
+DEFAULTS = dict(out_dir="", report_dir="", data_dir="data", windows=16, batch=4, device="cpu")
+
+
+def load(out_dir, device):
+    path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = configurator.read_checkpoint(path, ("model", "model_args", "config"), device)
+    try:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise configurator.ConfigError(f"checkpoint {path}: not a model of this model.py ({str(e).splitlines()[0][:150]})")
+    if model.config.attention != "adaptive-sparse":
+        raise configurator.ConfigError(f"checkpoint {path} is a {model.config.attention!r} model; "
+                                       f"kept_blocks.py reads adaptive-sparse selections")
+    return model.to(device).eval(), ckpt
+
+
+@torch.no_grad()
+def collect(model, idx, batch):
+    """kept counts (layers, N, H, n_blocks) for windows idx (N, T)."""
+    layers = [b.attn for b in model.transformer.h]
+    out = []
+    for i in range(0, len(idx), batch):
+        model(idx[i:i + batch])
+        out.append(torch.stack([a.last_kept for a in layers]))
+    return torch.cat(out, dim=1)
+
+
+def summarize(kept, k_max, block, T):
+    """Per (layer, head) statistics over query blocks 2.. (blocks 0 and 1 have no candidates)."""
+    L, N, H, nb = kept.shape
+    n_cand = (torch.arange(nb) - 1).clamp(min=0)
+    has = n_cand > 0
+    k, c = kept[..., has].float(), n_cand[has].float()
+    at_cap = (k == k_max) & (c > k_max)
+    # keys read exactly per query block: its kept blocks plus the previous and its own block
+    read = ((k + torch.minimum(torch.arange(nb)[has].float() + 1, torch.tensor(2.0))) * block).clamp(max=T)
+    rows = []
+    for layer in range(L):
+        for h in range(H):
+            kk = k[layer, :, h]
+            per_window = kk.mean(-1)
+            pos = (torch.arange(nb)[has].float() + 1) * block  # causal keys of a query block's last row
+            rows.append(dict(layer=layer, head=h, kept_mean=kk.mean().item(), kept_min=kk.min().item(),
+                             kept_max=kk.max().item(), at_cap=at_cap[layer, :, h].float().mean().item(),
+                             window_mean_std=per_window.std().item() if N > 1 else 0.0,
+                             read_fraction=(read[layer, :, h] / pos).mean().item()))
+    return rows
+
+
+def plot(kept, k_max, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    L, _, H, nb = kept.shape
+    fig, axes = plt.subplots(1, L, figsize=(4.5 * L, 3.5), squeeze=False)
+    bins = np.arange(0, (k_max if k_max is not None else nb) + 2) - 0.5
+    for layer, ax in enumerate(axes[0]):
+        for h in range(H):
+            x = kept[layer, :, h, 2:].flatten().numpy()
+            ax.hist(x, bins=bins, histtype="step", label=f"head {h}", density=True)
+        ax.set(title=f"layer {layer}", xlabel="kept blocks per query block", ylabel="share")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main(argv):
+    try:
+        o, _ = configurator.load(argv, DEFAULTS)
+        configurator.check_ranges(o, dict(windows=">=1", batch=">=1"))
+        if not o["out_dir"]:
+            raise configurator.ConfigError("--out_dir=DIR (a run directory holding ckpt.pt) is required")
+        model, ckpt = load(o["out_dir"], o["device"])
+        cfg = ckpt["config"]
+        T = model.config.block_size
+        path = os.path.join(o["data_dir"], cfg.get("dataset", "shakespeare_char"), "val.bin")
+        if not os.path.isfile(path):
+            raise configurator.ConfigError(f"no validation data at {path}")
+        data = np.memmap(path, dtype=np.uint16, mode="r")
+        starts = ngram.fixed_windows(len(data), T, o["windows"] * T)
+    except (configurator.ConfigError, ValueError) as e:
+        configurator.fail(str(e))
+    idx = torch.from_numpy(np.stack([data[s:s + T] for s in starts]).astype(np.int64)).to(o["device"])
+    kept = collect(model, idx, o["batch"]).cpu()
+    a = model.transformer.h[0].attn
+    rows = summarize(kept, a.k_max, a.block, T)
+    report = o["report_dir"] or o["out_dir"]
+    os.makedirs(report, exist_ok=True)
+    head = (f"Kept blocks per query block of `{o['out_dir']}` (T={T}, blocks of {a.block}, k_max {a.k_max}, "
+            f"threshold {model.config.as_threshold}), over {len(idx)} validation windows; "
+            f"command: `python kept_blocks.py {' '.join(argv)}`")
+    cols = ["layer", "head", "kept_mean", "kept_min", "kept_max", "at_cap", "window_mean_std", "read_fraction"]
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    lines += ["| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+              for r in rows]
+    text = "\n".join(lines) + ("\n\nat_cap: share of query blocks whose count the cap set (more candidates were left); "
+                               "window_mean_std: std over windows of the mean kept count; read_fraction: mean share of "
+                               "a query block's causal keys read exactly (kept + previous + own block).\n")
+    configurator.write_atomic(os.path.join(report, "kept_blocks.md"), text)
+    configurator.write_atomic(os.path.join(report, "kept_blocks.json"), json.dumps(rows, indent=1))
+    plot(kept, a.k_max, os.path.join(report, "kept_blocks.png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
