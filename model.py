@@ -493,6 +493,13 @@ ATTENTION["vq"] = VQAttention
 # kernel-hashing: LSH finds the heavy entries, uniform samples estimate the light rest
 # --------------------------------------------------------------------------------------
 
+def _process_rank():
+    """This process's torch.distributed rank, 0 when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
 class KernelHashingAttention(DenseAttention):
     """Causal attention by kernel hashing: locality-sensitive hashing finds the heavy entries of
     the attention (kernel) matrix and uniform sampling estimates the light rest.
@@ -522,8 +529,9 @@ class KernelHashingAttention(DenseAttention):
     With m >= s (every key sampled, weight 1) or s <= b the block equals exact attention.
 
     Randomness: planes and samples are hashes of (seed, level, rectangle, batch row, head, key),
-    the seed being (per-layer seed buffer, step buffer) in training -- the step counter lives in
-    the state_dict, so resuming is exact -- and a fixed per-layer seed in eval mode. Decoding
+    the seed being (per-layer seed buffer, step buffer, DDP rank) in training -- the step counter
+    lives in the state_dict, so resuming is exact; ranks draw independently, rank 0 as a single
+    process does -- and a fixed per-layer seed in eval mode (the same on every rank). Decoding
     reproduces the eval-mode estimate at each new position (the plan of a prefix is the plan of
     the whole sequence), so cached and uncached generation agree; it costs O(S (d r + log S)) per
     token rather than exact attention's O(S d). No attention dropout (residual dropout only).
@@ -554,6 +562,9 @@ class KernelHashingAttention(DenseAttention):
         q, k, v = self._heads(x)
         if self.training:
             seed = kh_hash(self.seed, 1, self.step)
+            rank = _process_rank()
+            if rank:  # DDP: every rank its own draws; rank 0 (and a single process) keeps the plain seed
+                seed = kh_hash(seed, 3, rank)
             self.step += 1
         else:
             seed = kh_hash(self.seed, 0)
