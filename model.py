@@ -597,7 +597,7 @@ class KernelHashingAttention(DenseAttention):
         return n / (T * (T + 1) / 2)
 
     def extra_metrics(self):
-        return dict(self._metrics)
+        return {k: float(v) for k, v in self._metrics.items()}  # approx_mass reaches the host here, not in forward
 
     def attn_flops_per_token(self, T):
         # dense's convention (12 C per key and token, counting every key of the causal row as

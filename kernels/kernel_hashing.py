@@ -5,7 +5,9 @@
                          estimator written densely, O(T^2), for tests and diagnostics
     CPU-fast path        _kh_pieces / _KHAttend: every (chunk or level) piece gathered and scored
                          with batched matmuls, one softmax over its pieces per query, merged through
-                         the row LSEs; the backward recomputes the scores piece by piece
+                         the row LSEs; the backward recomputes the scores piece by piece. Plans and
+                         tiles have sizes fixed by the shapes (padding tiles are inactive), so the
+                         forward and backward read no tensor value on the host: no GPU sync
     entry point          kernel_hashing_attention (training and prefill: Triton on CUDA, the
                          PyTorch pieces elsewhere); kernel_hashing_query (one query, for decoding)
     Triton kernels       gathered_block_attention: one kernel for the chunks and each level, below
@@ -170,14 +172,26 @@ def _kh_plan_log_weights(plan, dtype=torch.float32):
 def _kh_tiles(q_kb, rows, nb):
     """Sort queries by key block and cut the sorted order into chunks of `rows`; a tile is a
     (chunk, key block) pair that at least one query of the chunk needs, so each query is active
-    in exactly one tile. Returns q_order, kb_sorted (G, SQ), tile_g, tile_chunk, tile_kb (NT,)."""
+    in exactly one tile. Fixed size, so no host sync: walking a group's sorted queries, each new
+    tile starts a chunk or raises the key block, so a group has at most nch + nb - 1 tiles; the
+    slots left over are padding tiles with key block nb, which no query has (inactive).
+    Returns q_order, kb_sorted (G, SQ), tile_g, tile_chunk, tile_kb (G * (nch + nb - 1),)."""
     G, SQ = q_kb.shape
+    dev = q_kb.device
     kb_sorted, q_order = q_kb.sort(dim=1, stable=True)
     nch = -(-SQ // rows)
-    chunk = torch.arange(G, device=q_kb.device)[:, None] * nch + torch.arange(SQ, device=q_kb.device) // rows
-    uniq = torch.unique_consecutive((chunk * nb + kb_sorted).flatten())
-    tile_chunk, tile_kb = uniq // nb, uniq % nb
-    return q_order, kb_sorted, tile_chunk // nch, tile_chunk, tile_kb
+    slots = nch + nb - 1
+    chunk = torch.arange(SQ, device=dev) // rows
+    key = chunk * nb + kb_sorted  # (G, SQ), nondecreasing along each row
+    new = torch.ones_like(key, dtype=torch.bool)
+    new[:, 1:] = key[:, 1:] != key[:, :-1]
+    slot = new.long().cumsum(1) - 1  # the tile of each sorted query, numbered within its group
+    pad = torch.full((G, slots + 1), nch * nb, dtype=key.dtype, device=dev)  # a query's tile or the dump slot
+    tiles = pad.scatter_(1, torch.where(new, slot, slots), key)[:, :slots]
+    tile_chunk = torch.arange(G, device=dev)[:, None] * nch + (tiles // nb).clamp(max=nch - 1)
+    tile_kb = torch.where(tiles < nch * nb, tiles % nb, nb)
+    tile_g = torch.arange(G, device=dev)[:, None].expand(G, slots).flatten()
+    return q_order, kb_sorted, tile_g, tile_chunk.flatten(), tile_kb.flatten()
 
 
 def _kh_pieces(plan, q_rows, k_rows):
@@ -192,10 +206,11 @@ def _kh_pieces(plan, q_rows, k_rows):
     qo = F.pad(q_order, (0, nch * b - SQ))  # padding rows point at query 0 and stay inactive
     kbs = F.pad(kb_sorted, (0, nch * b - SQ), value=-1)
     ko = F.pad(plan["k_order"], (0, nb * b - SK))
-    real_key = (torch.arange(nb * b, device=q_rows.device) < SK).view(nb, b)[tile_kb]
+    kb = tile_kb.clamp(max=nb - 1)  # padding tiles (key block nb) read block nb - 1 and stay inactive
+    real_key = (torch.arange(nb * b, device=q_rows.device) < SK).view(nb, b)[kb]
     active = kbs.view(G * nch, b)[tile_chunk] == tile_kb[:, None]
     pieces = [dict(rows_q=q_rows.gather(1, qo).view(G * nch, b)[tile_chunk],
-                   rows_k=k_rows.gather(1, ko).view(G * nb, b)[tile_g * nb + tile_kb],
+                   rows_k=k_rows.gather(1, ko).view(G * nb, b)[tile_g * nb + kb],
                    mask=active[:, :, None] & real_key[:, None, :], bias=0.0)]
     if plan["s_idx"] is not None:  # sampled keys, minus those in the query's own block
         pieces.append(dict(rows_q=q_rows, rows_k=k_rows.gather(1, plan["s_idx"]),
@@ -325,7 +340,7 @@ def kernel_hashing_attention(q, k, v, min_seq_len, bucket_block, samples, hash_b
                              backend="auto", stats=None):
     """The kernel-hashing estimate of causal softmax attention. q, k, v (B, H, T, d) -> (B, H, T, d).
     seed: an int or int64 tensor that fixes every hash plane and sample. backend: 'auto' (Triton
-    on CUDA when available), 'torch' or 'triton'. stats: a dict to receive 'approx_mass', the
+    on CUDA when available), 'torch' or 'triton'. stats: a dict to receive 'approx_mass' (a 0-dim tensor), the
     mean softmax weight that queries past the first chunk give to the approximated rectangles."""
     B, H, T, d = q.shape
     c, scale = min_seq_len, d ** -0.5
@@ -372,7 +387,7 @@ def kernel_hashing_attention(q, k, v, min_seq_len, bucket_block, samples, hash_b
     if stats is not None:
         with torch.no_grad():
             w = 1 - torch.exp(lse_diag[:, :, c:T] - lse[:, :, c:T])
-            stats["approx_mass"] = w.mean().item() if w.numel() else 0.0
+            stats["approx_mass"] = w.mean() if w.numel() else w.new_zeros(())  # a tensor: read it later, no sync here
     return o[:, :, :T]
 
 
