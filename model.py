@@ -541,7 +541,9 @@ class KernelHashingAttention(DenseAttention):
     LSEs, O(T d), plus O(T log(T/c)) integers of hashes and samples; its forward holds the scores,
     O(T (c + b + m) log(T/c)), and its backward recomputes them piece by piece. No T x T tensor.
     The Triton path (CUDA; kernels/kernel_hashing.py) runs the chunks and each level in one
-    gathered-block kernel that returns the LSE, with a backward that takes d(lse) as well as d(o).
+    gathered-block kernel that returns the LSE, merging each level into a running (o, lse) inside
+    one autograd Function: it saves the same O(T d) (q, k, v, o, LSEs), and its backward runs each
+    piece's kernel against the final LSE. Plans have sizes fixed by the shapes: no host sync.
     """
 
     def __init__(self, config):

@@ -171,7 +171,8 @@ def test_ranks_draw_differently_and_each_rank_reproducibly(monkeypatch):
     x, state = torch.randn(2, 64, 32), {k: v.clone() for k, v in a.state_dict().items()}
     seeds = []
     real = model.kernel_hashing_attention
-    monkeypatch.setattr(model, "kernel_hashing_attention", lambda *args, **kw: seeds.append(args[7]) or real(*args, **kw))
+    monkeypatch.setattr(model, "kernel_hashing_attention",
+                        lambda *args, **kw: seeds.append(args[7]) or real(*args, **kw))  # args[7]: the seed
 
     def step(rank):
         if rank is not None:
@@ -297,6 +298,37 @@ def test_triton_block_matches_torch(T, d, kn):
     for a, b in zip(outs["triton"], outs["torch"]):
         assert not a.isnan().any()
         assert rel_err(a, b) <= 1e-3
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_saved_for_backward_is_a_few_outputs_whatever_the_levels(backend):
+    """Autograd keeps q, k, v, the merged output and the row LSEs (floating tensors; the plans are integers),
+    not an output per level: T 256 over chunks of 8 has 5 levels."""
+    q, k, v = (t.to(DEVICE) for t in qkv(1, 2, 256, 16, dtype=torch.float32, seed=8, grad=True))
+    seen = {}
+
+    def pack(t):
+        if t.is_floating_point():
+            seen[(t.data_ptr(), tuple(t.shape))] = t.numel()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        o = KH.kernel_hashing_attention(q, k, v, 8, 4, 4, 3, 7, backend=backend)
+    assert sum(seen.values()) <= 4 * q.numel() + q.numel() // 16, sum(seen.values()) / q.numel()
+    assert o.shape == q.shape
+
+
+def test_triton_block_bf16_matches_float32():
+    """bfloat16 inputs through the whole Triton block (chunks, levels merged in float32) against float32 inputs
+    holding the same rounded values (so the hashes agree): outputs and gradients to bfloat16 tolerance."""
+    q, k, v = (t.bfloat16().to(DEVICE) for t in qkv(1, 2, 64, 16, dtype=torch.float32, seed=6))
+    go = torch.randn(1, 2, 64, 16).to(DEVICE)
+    res = []
+    for dt in (torch.bfloat16, torch.float32):
+        leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        o = KH.kernel_hashing_attention(*leaves, 8, 4, 4, 3, 7, backend="triton")
+        res.append((o, *torch.autograd.grad(o, leaves, go.to(o.dtype))))
+    for a, b in zip(*res):
+        assert not a.isnan().any() and rel_err(a, b) <= 1e-2
 
 
 def test_triton_kernel_takes_the_lse_gradient():
