@@ -256,14 +256,26 @@ def test_fixed_size_tiles_are_the_needed_tiles_plus_inactive_padding():
         assert torch.equal(tile_g, tile_chunk // nch) and (tile_chunk < G * nch).all()
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_no_host_sync_in_forward_and_backward(monkeypatch, train):
+class _NoLaunch:
+    """Stands in for a Triton kernel: launching it does nothing (the outputs keep conftest's NaN fill)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("train,backend", [(True, "torch"), (False, "torch"), (True, "triton")])
+def test_no_host_sync_in_forward_and_backward(monkeypatch, train, backend):
     """A real budget (T 256, chunks 32, blocks 16, 16 samples): one forward and backward of the block reads no
-    tensor value on the host, so a GPU never stalls on it. Eval also gathers the approx_mass statistic."""
+    tensor value on the host, so a GPU never stalls on it. Eval also gathers the approx_mass statistic; the
+    Triton path's wrapper (plans, tiles, merges) is checked with the kernel launches stubbed out."""
     cfg = GPTConfig(n_embd=64, n_head=2, block_size=256, attention="kernel-hashing", kh_min_seq_len=32,
                     kh_bucket_block=16, kh_samples=16, kh_hash_bits=4)
     torch.manual_seed(0)
     m = ATTENTION["kernel-hashing"](cfg).train(train)
+    m.backend = backend
+    if backend == "triton":
+        monkeypatch.setattr(KH, "_kh_fwd_kernel", _NoLaunch())
+        monkeypatch.setattr(KH, "_kh_bwd_kernel", _NoLaunch())
     x = torch.randn(2, 256, 64, requires_grad=True)
 
     def refuse(name):
@@ -276,7 +288,7 @@ def test_no_host_sync_in_forward_and_backward(monkeypatch, train):
                 mp.setattr(torch.Tensor, name, refuse(name))
             m(x).square().sum().backward()
     assert probe.calls == [], probe.calls
-    assert x.grad.abs().sum() > 0
+    assert x.grad is not None and (backend == "triton" or x.grad.abs().sum() > 0)
     if not train:
         assert 0 < m.extra_metrics()["approx_mass"] < 1
 
