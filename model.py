@@ -493,6 +493,13 @@ ATTENTION["vq"] = VQAttention
 # kernel-hashing: LSH finds the heavy entries, uniform samples estimate the light rest
 # --------------------------------------------------------------------------------------
 
+def _process_rank():
+    """This process's torch.distributed rank, 0 when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
 class KernelHashingAttention(DenseAttention):
     """Causal attention by kernel hashing: locality-sensitive hashing finds the heavy entries of
     the attention (kernel) matrix and uniform sampling estimates the light rest.
@@ -522,8 +529,9 @@ class KernelHashingAttention(DenseAttention):
     With m >= s (every key sampled, weight 1) or s <= b the block equals exact attention.
 
     Randomness: planes and samples are hashes of (seed, level, rectangle, batch row, head, key),
-    the seed being (per-layer seed buffer, step buffer) in training -- the step counter lives in
-    the state_dict, so resuming is exact -- and a fixed per-layer seed in eval mode. Decoding
+    the seed being (per-layer seed buffer, step buffer, DDP rank) in training -- the step counter
+    lives in the state_dict, so resuming is exact; ranks draw independently, rank 0 as a single
+    process does -- and a fixed per-layer seed in eval mode (the same on every rank). Decoding
     reproduces the eval-mode estimate at each new position (the plan of a prefix is the plan of
     the whole sequence), so cached and uncached generation agree; it costs O(S (d r + log S)) per
     token rather than exact attention's O(S d). No attention dropout (residual dropout only).
@@ -533,7 +541,9 @@ class KernelHashingAttention(DenseAttention):
     LSEs, O(T d), plus O(T log(T/c)) integers of hashes and samples; its forward holds the scores,
     O(T (c + b + m) log(T/c)), and its backward recomputes them piece by piece. No T x T tensor.
     The Triton path (CUDA; kernels/kernel_hashing.py) runs the chunks and each level in one
-    gathered-block kernel that returns the LSE, with a backward that takes d(lse) as well as d(o).
+    gathered-block kernel that returns the LSE, merging each level into a running (o, lse) inside
+    one autograd Function: it saves the same O(T d) (q, k, v, o, LSEs), and its backward runs each
+    piece's kernel against the final LSE. Plans have sizes fixed by the shapes: no host sync.
     """
 
     def __init__(self, config):
@@ -554,6 +564,9 @@ class KernelHashingAttention(DenseAttention):
         q, k, v = self._heads(x)
         if self.training:
             seed = kh_hash(self.seed, 1, self.step)
+            rank = _process_rank()
+            if rank:  # DDP: every rank its own draws; rank 0 (and a single process) keeps the plain seed
+                seed = kh_hash(seed, 3, rank)
             self.step += 1
         else:
             seed = kh_hash(self.seed, 0)
@@ -586,7 +599,7 @@ class KernelHashingAttention(DenseAttention):
         return n / (T * (T + 1) / 2)
 
     def extra_metrics(self):
-        return dict(self._metrics)
+        return {k: float(v) for k, v in self._metrics.items()}  # approx_mass reaches the host here, not in forward
 
     def attn_flops_per_token(self, T):
         # dense's convention (12 C per key and token, counting every key of the causal row as

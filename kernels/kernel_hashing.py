@@ -5,9 +5,13 @@
                          estimator written densely, O(T^2), for tests and diagnostics
     CPU-fast path        _kh_pieces / _KHAttend: every (chunk or level) piece gathered and scored
                          with batched matmuls, one softmax over its pieces per query, merged through
-                         the row LSEs; the backward recomputes the scores piece by piece
+                         the row LSEs; the backward recomputes the scores piece by piece. Plans and
+                         tiles have sizes fixed by the shapes (padding tiles are inactive), so the
+                         forward and backward read no tensor value on the host: no GPU sync
     entry point          kernel_hashing_attention (training and prefill: Triton on CUDA, the
-                         PyTorch pieces elsewhere); kernel_hashing_query (one query, for decoding)
+                         PyTorch pieces elsewhere); kernel_hashing_query (one query, for decoding).
+                         _KHTritonAttend: the Triton path in one autograd Function, levels merged
+                         into a running (o, lse); saves q, k, v, o, lse whatever the depth
     Triton kernels       gathered_block_attention: one kernel for the chunks and each level, below
 
 Triton kernels: gathered-block attention.
@@ -170,14 +174,26 @@ def _kh_plan_log_weights(plan, dtype=torch.float32):
 def _kh_tiles(q_kb, rows, nb):
     """Sort queries by key block and cut the sorted order into chunks of `rows`; a tile is a
     (chunk, key block) pair that at least one query of the chunk needs, so each query is active
-    in exactly one tile. Returns q_order, kb_sorted (G, SQ), tile_g, tile_chunk, tile_kb (NT,)."""
+    in exactly one tile. Fixed size, so no host sync: walking a group's sorted queries, each new
+    tile starts a chunk or raises the key block, so a group has at most nch + nb - 1 tiles; the
+    slots left over are padding tiles with key block nb, which no query has (inactive).
+    Returns q_order, kb_sorted (G, SQ), tile_g, tile_chunk, tile_kb (G * (nch + nb - 1),)."""
     G, SQ = q_kb.shape
+    dev = q_kb.device
     kb_sorted, q_order = q_kb.sort(dim=1, stable=True)
     nch = -(-SQ // rows)
-    chunk = torch.arange(G, device=q_kb.device)[:, None] * nch + torch.arange(SQ, device=q_kb.device) // rows
-    uniq = torch.unique_consecutive((chunk * nb + kb_sorted).flatten())
-    tile_chunk, tile_kb = uniq // nb, uniq % nb
-    return q_order, kb_sorted, tile_chunk // nch, tile_chunk, tile_kb
+    slots = nch + nb - 1
+    chunk = torch.arange(SQ, device=dev) // rows
+    key = chunk * nb + kb_sorted  # (G, SQ), nondecreasing along each row
+    new = torch.ones_like(key, dtype=torch.bool)
+    new[:, 1:] = key[:, 1:] != key[:, :-1]
+    slot = new.long().cumsum(1) - 1  # the tile of each sorted query, numbered within its group
+    pad = torch.full((G, slots + 1), nch * nb, dtype=key.dtype, device=dev)  # a query's tile or the dump slot
+    tiles = pad.scatter_(1, torch.where(new, slot, slots), key)[:, :slots]
+    tile_chunk = torch.arange(G, device=dev)[:, None] * nch + (tiles // nb).clamp(max=nch - 1)
+    tile_kb = torch.where(tiles < nch * nb, tiles % nb, nb)
+    tile_g = torch.arange(G, device=dev)[:, None].expand(G, slots).flatten()
+    return q_order, kb_sorted, tile_g, tile_chunk.flatten(), tile_kb.flatten()
 
 
 def _kh_pieces(plan, q_rows, k_rows):
@@ -192,10 +208,11 @@ def _kh_pieces(plan, q_rows, k_rows):
     qo = F.pad(q_order, (0, nch * b - SQ))  # padding rows point at query 0 and stay inactive
     kbs = F.pad(kb_sorted, (0, nch * b - SQ), value=-1)
     ko = F.pad(plan["k_order"], (0, nb * b - SK))
-    real_key = (torch.arange(nb * b, device=q_rows.device) < SK).view(nb, b)[tile_kb]
+    kb = tile_kb.clamp(max=nb - 1)  # padding tiles (key block nb) read block nb - 1 and stay inactive
+    real_key = (torch.arange(nb * b, device=q_rows.device) < SK).view(nb, b)[kb]
     active = kbs.view(G * nch, b)[tile_chunk] == tile_kb[:, None]
     pieces = [dict(rows_q=q_rows.gather(1, qo).view(G * nch, b)[tile_chunk],
-                   rows_k=k_rows.gather(1, ko).view(G * nb, b)[tile_g * nb + tile_kb],
+                   rows_k=k_rows.gather(1, ko).view(G * nb, b)[tile_g * nb + kb],
                    mask=active[:, :, None] & real_key[:, None, :], bias=0.0)]
     if plan["s_idx"] is not None:  # sampled keys, minus those in the query's own block
         pieces.append(dict(rows_q=q_rows, rows_k=k_rows.gather(1, plan["s_idx"]),
@@ -297,35 +314,106 @@ def _kh_merge(o1, lse1, o2, lse2):
 
 # ------------------------------------------------------------------------------- entry point
 
-def _kh_rect_triton(q, k, v, plan, scale):
-    """Triton path of one level: q (G, SQ, d), k, v (G, SK, d) -> o (G, SQ, d), lse (G, SQ)."""
-    G, SQ, _ = q.shape
+def _kh_rect_launch(plan, SQ, SK, d, scale, device):
+    """One level's plan as the kernel's integer tensors and launch constants (see gathered_block_attention)."""
     b = plan["block"]
     rows = rows_per_tile(b)
-    q_order, kb_sorted, tile_g, tile_chunk, tile_kb = _kh_tiles(plan["q_kb"], rows, -(-k.shape[1] // b))
+    q_order, kb_sorted, tile_g, tile_chunk, tile_kb = _kh_tiles(plan["q_kb"], rows, -(-SK // b))
     tile_q0 = tile_chunk % -(-SQ // rows) * rows
-    return gathered_block_attention(q, k, v, q_order, kb_sorted, plan["k_order"], plan["s_idx"], plan["s_kb"],
-                                         tile_g, tile_q0, tile_kb, b, plan["log_w"], scale, False, rows)
+    return _gba_launch(device, d, q_order, kb_sorted, plan["k_order"], plan["s_idx"], plan["s_kb"], tile_g,
+                       tile_q0, tile_kb, b, plan["log_w"], scale, False, rows, SQ)
+
+
+def _kh_diag_launch(G, c, d, scale, device):
+    """The chunks' launch: G groups of c tokens, exact causal attention inside each."""
+    rows = rows_per_tile(c)
+    sub = -(-c // rows)
+    tile_g = torch.arange(G, device=device)[:, None].expand(G, sub).flatten()
+    tile_q0 = (torch.arange(sub, device=device) * rows).repeat(G)
+    return _gba_launch(device, d, None, None, None, None, None, tile_g, tile_q0, torch.zeros_like(tile_g), c, 0.0,
+                       scale, True, rows, c)
+
+
+def _kh_rect_triton(q, k, v, plan, scale):
+    """Triton path of one level on its own: q (G, SQ, d), k, v (G, SK, d) -> o (G, SQ, d), lse (G, SQ)."""
+    return _GatheredBlockAttention.apply(q, k, v, *_kh_rect_launch(plan, q.shape[1], k.shape[1], q.shape[2], scale,
+                                                                   q.device))
 
 
 def _kh_diag_triton(q, k, v, c, scale):
     """Exact causal attention inside consecutive chunks of c tokens, Triton: (o, lse) over (B, H, Tp)."""
     B, H, Tp, d = q.shape
-    G, rows = B * H * (Tp // c), rows_per_tile(c)
-    sub = -(-c // rows)
-    tile_g = torch.arange(G, device=q.device).repeat_interleave(sub)
-    tile_q0 = (torch.arange(sub, device=q.device) * rows).repeat(G)
-    o, lse = gathered_block_attention(q.reshape(G, c, d), k.reshape(G, c, d), v.reshape(G, c, d), None, None,
-                                           None, None, None, tile_g, tile_q0, torch.zeros_like(tile_g), c, 0.0,
-                                           scale, True, rows)
+    G = B * H * (Tp // c)
+    o, lse = _GatheredBlockAttention.apply(q.reshape(G, c, d), k.reshape(G, c, d), v.reshape(G, c, d),
+                                           *_kh_diag_launch(G, c, d, scale, q.device))
     return o.view(B, H, Tp, d), lse.view(B, H, Tp)
+
+
+def _kh_half(t, s, P, half):
+    """Half `half` (0: keys, 1: queries) of the first P pairs of side s: (B, H, Tp, ...) -> (B H P, s, ...), a copy."""
+    B, H, Tp = t.shape[:3]
+    return t.reshape(B, H, Tp // (2 * s), 2, s, *t.shape[3:])[:, :, :P, half].reshape(-1, s, *t.shape[3:])
+
+
+def _kh_half_view(t, s, P, half):
+    B, H, Tp = t.shape[:3]
+    return t.view(B, H, Tp // (2 * s), 2, s, *t.shape[3:])[:, :, :P, half]
+
+
+class _KHTritonAttend(torch.autograd.Function):
+    """The Triton path of the whole block in one Function: the chunks, then each level merged into a
+    running (o, lse) as soon as it is computed. Saved: q, k, v, the merged o and lse and the integer
+    plans, O(T d) however many levels. The backward runs each piece's kernel against the final lse
+    and delta = dO . O (as _KHAttend does): P_ij = exp(s_ij - lse_i) is already the merged softmax."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, diag, levels):
+        B, H, Tp, d = q.shape
+        c = diag[1]["key_block"]
+        G = B * H * (Tp // c)
+        o, lse = _gba_fwd(q.view(G, c, d), k.view(G, c, d), v.view(G, c, d), *diag)
+        o, lse = o.view(B, H, Tp, d), lse.view(B, H, Tp)
+        lse_diag = lse.clone()
+        if levels:
+            o = o.float()  # the merges run in float32
+        for s, P, plan, meta in levels:
+            o_r, lse_r = _gba_fwd(_kh_half(q, s, P, 1), _kh_half(k, s, P, 0), _kh_half(v, s, P, 0), plan, meta)
+            o_q, l_q = _kh_half_view(o, s, P, 1), _kh_half_view(lse, s, P, 1)
+            o_m, l_m = _kh_merge(o_q, l_q, o_r.view(o_q.shape), lse_r.view(l_q.shape))
+            o_q.copy_(o_m)
+            l_q.copy_(l_m)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.diag, ctx.levels = diag, levels
+        ctx.mark_non_differentiable(lse, lse_diag)
+        return o, lse, lse_diag
+
+    @staticmethod
+    def backward(ctx, do, _dlse, _dlse_diag):
+        q, k, v, o, lse = ctx.saved_tensors
+        B, H, Tp, d = q.shape
+        c = ctx.diag[1]["key_block"]
+        G = B * H * (Tp // c)
+        do = torch.zeros_like(o) if do is None else do
+        delta = (do.float() * o.float()).sum(-1)
+        do = do.to(q.dtype).contiguous()  # the kernels read dO in the inputs' dtype
+        dq, dk, dv = (t.view(B, H, Tp, d) for t in _gba_bwd(q.view(G, c, d), k.view(G, c, d), v.view(G, c, d),
+                                                              do.view(G, c, d), lse.view(G, c), delta.view(G, c),
+                                                              *ctx.diag))
+        for s, P, plan, meta in ctx.levels:
+            dq_r, dk_r, dv_r = _gba_bwd(_kh_half(q, s, P, 1), _kh_half(k, s, P, 0), _kh_half(v, s, P, 0),
+                                        _kh_half(do, s, P, 1), _kh_half(lse, s, P, 1), _kh_half(delta, s, P, 1),
+                                        plan, meta)
+            for full, part, half in ((dq, dq_r, 1), (dk, dk_r, 0), (dv, dv_r, 0)):
+                view = _kh_half_view(full, s, P, half)
+                view += part.view(view.shape)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def kernel_hashing_attention(q, k, v, min_seq_len, bucket_block, samples, hash_bits, seed,
                              backend="auto", stats=None):
     """The kernel-hashing estimate of causal softmax attention. q, k, v (B, H, T, d) -> (B, H, T, d).
     seed: an int or int64 tensor that fixes every hash plane and sample. backend: 'auto' (Triton
-    on CUDA when available), 'torch' or 'triton'. stats: a dict to receive 'approx_mass', the
+    on CUDA when available), 'torch' or 'triton'. stats: a dict to receive 'approx_mass' (a 0-dim tensor), the
     mean softmax weight that queries past the first chunk give to the approximated rectangles."""
     B, H, T, d = q.shape
     c, scale = min_seq_len, d ** -0.5
@@ -348,17 +436,12 @@ def kernel_hashing_attention(q, k, v, min_seq_len, bucket_block, samples, hash_b
             plans.append(_kh_plan(rq, rk, level, torch.arange(P, device=dev), torch.arange(s, device=dev),
                                   seed, bucket_block, samples))
     if use_triton:
-        o, lse = _kh_diag_triton(q, k, v, c, scale)
-        lse_diag = lse
-        for (level, s, P), plan in zip(levels, plans):
-            n = Tp // (2 * s)
-            q6, k6, v6 = (t.view(B, H, n, 2, s, d) for t in (q, k, v))
-            o_r, lse_r = _kh_rect_triton(q6[:, :, :P, 1].reshape(-1, s, d), k6[:, :, :P, 0].reshape(-1, s, d),
-                                         v6[:, :, :P, 0].reshape(-1, s, d), plan, scale)
-            o6, l5 = o.view(B, H, n, 2, s, d), lse.view(B, H, n, 2, s)
-            o_m, l_m = _kh_merge(o6[:, :, :P, 1], l5[:, :, :P, 1], o_r.view(B, H, P, s, d), lse_r.view(B, H, P, s))
-            o = torch.stack([o6[:, :, :, 0], torch.cat([o_m, o6[:, :, P:, 1]], 2)], 3).view(B, H, Tp, d)
-            lse = torch.stack([l5[:, :, :, 0], torch.cat([l_m, l5[:, :, P:, 1]], 2)], 3).view(B, H, Tp)
+        assert B * H * Tp < 2**31
+        with torch.no_grad():
+            diag = _kh_diag_launch(B * H * (Tp // c), c, d, scale, q.device)
+            launches = [(s, P, *_kh_rect_launch(plan, s, s, d, scale, q.device))
+                        for (level, s, P), plan in zip(levels, plans)]
+        o, lse, lse_diag = _KHTritonAttend.apply(q, k, v, diag, launches)
     else:
         pieces = [dict(rows_q=None, rows_k=None, shape=(B * H * Tp // c, c), bias=0.0,
                        mask=torch.ones(c, c, dtype=torch.bool, device=q.device).tril()[None])]
@@ -372,7 +455,7 @@ def kernel_hashing_attention(q, k, v, min_seq_len, bucket_block, samples, hash_b
     if stats is not None:
         with torch.no_grad():
             w = 1 - torch.exp(lse_diag[:, :, c:T] - lse[:, :, c:T])
-            stats["approx_mass"] = w.mean().item() if w.numel() else 0.0
+            stats["approx_mass"] = w.mean() if w.numel() else w.new_zeros(())  # a tensor: read it later, no sync here
     return o[:, :, :T]
 
 
@@ -572,18 +655,47 @@ def _launch_args(d, m, rows, key_block):
     return dict(DP=_pow2(d, 16, 1 << 16), BQ=rows, BK=_pow2(key_block), BM=_pow2(m))
 
 
+def _gba_fwd(q, k, v, plan, meta):
+    """Launch the forward kernel: o in q's dtype, lse float32."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    G, SQ, D = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty(G, SQ, device=q.device, dtype=torch.float32)
+    _kh_fwd_kernel[(plan[5].numel(),)](q, k, v, o, lse, *plan, SQ, k.shape[1], meta["M"], meta["key_block"], D,
+                                       meta["scale"], meta["log_w"], CAUSAL=meta["causal"], num_warps=FWD_WARPS,
+                                       **meta["launch"])
+    return o, lse
+
+
+def _gba_bwd(q, k, v, do, lse, delta, plan, meta):
+    """Launch the backward kernel with the rows' lse and delta_i = dO_i . O_i - dLSE_i: float32 dq, dk, dv."""
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    G, SQ, D = q.shape
+    SK, M = k.shape[1], meta["M"]
+    tile_g = plan[5]
+    ntiles = tile_g.numel()
+    dq = torch.empty(G, SQ, D, device=q.device, dtype=torch.float32)
+    dk = torch.zeros(G, SK, D, device=q.device, dtype=torch.float32)
+    dv = torch.zeros(G, SK, D, device=q.device, dtype=torch.float32)
+    dks = torch.empty(max(ntiles * M, 1), D, device=q.device, dtype=torch.float32)
+    dvs = torch.empty(max(ntiles * M, 1), D, device=q.device, dtype=torch.float32)
+    _kh_bwd_kernel[(ntiles,)](q, k, v, do, lse.contiguous(), delta.float().contiguous(), dq, dk, dv, dks, dvs,
+                              *plan, SQ, SK, M, meta["key_block"], D, meta["scale"], meta["log_w"],
+                              CAUSAL=meta["causal"], num_warps=BWD_WARPS, **meta["launch"])
+    if M > 0 and ntiles > 0:  # sum the tiles' partials per group, then add them at the sampled keys
+        s_idx = plan[3].long()[:, :, None].expand(G, M, D)
+        for part, full in ((dks, dk), (dvs, dv)):
+            per_group = torch.zeros(G, M, D, device=q.device, dtype=torch.float32)
+            per_group.index_add_(0, tile_g.long(), part[:ntiles * M].view(ntiles, M, D))
+            full.scatter_add_(1, s_idx, per_group)
+    return dq, dk, dv
+
+
 class _GatheredBlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, meta):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        G, SQ, D = q.shape
-        SK = k.shape[1]
-        ntiles = plan[5].numel()
-        o = torch.empty_like(q)
-        lse = torch.empty(G, SQ, device=q.device, dtype=torch.float32)
-        _kh_fwd_kernel[(ntiles,)](q, k, v, o, lse, *plan, SQ, SK, meta["M"], meta["key_block"], D,
-                                  meta["scale"], meta["log_w"], CAUSAL=meta["causal"], num_warps=FWD_WARPS,
-                                  **meta["launch"])
+        o, lse = _gba_fwd(q, k, v, plan, meta)
         ctx.save_for_backward(q, k, v, o, lse, *plan)
         ctx.meta = meta
         return o, lse
@@ -591,30 +703,28 @@ class _GatheredBlockAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, *plan = ctx.saved_tensors
-        meta = ctx.meta
-        G, SQ, D = q.shape
-        SK, M = k.shape[1], meta["M"]
-        tile_g = plan[5]
-        ntiles = tile_g.numel()
-        do = torch.zeros_like(o) if do is None else do.contiguous()
+        do = torch.zeros_like(o) if do is None else do
         delta = (do.float() * o.float()).sum(-1)  # the LSE's own gradient enters as a shift of dO . O
         if dlse is not None:
             delta = delta - dlse.float()
-        dq = torch.empty(G, SQ, D, device=q.device, dtype=torch.float32)
-        dk = torch.zeros(G, SK, D, device=q.device, dtype=torch.float32)
-        dv = torch.zeros(G, SK, D, device=q.device, dtype=torch.float32)
-        dks = torch.empty(max(ntiles * M, 1), D, device=q.device, dtype=torch.float32)
-        dvs = torch.empty(max(ntiles * M, 1), D, device=q.device, dtype=torch.float32)
-        _kh_bwd_kernel[(ntiles,)](q, k, v, do, lse, delta.contiguous(), dq, dk, dv, dks, dvs, *plan, SQ, SK, M,
-                                  meta["key_block"], D, meta["scale"], meta["log_w"],
-                                  CAUSAL=meta["causal"], num_warps=BWD_WARPS, **meta["launch"])
-        if M > 0 and ntiles > 0:  # sum the tiles' partials per group, then add them at the sampled keys
-            s_idx = plan[3].long()[:, :, None].expand(G, M, D)
-            for part, full in ((dks, dk), (dvs, dv)):
-                per_group = torch.zeros(G, M, D, device=q.device, dtype=torch.float32)
-                per_group.index_add_(0, tile_g.long(), part[:ntiles * M].view(ntiles, M, D))
-                full.scatter_add_(1, s_idx, per_group)
+        dq, dk, dv = _gba_bwd(q, k, v, do, lse, delta, plan, ctx.meta)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def _gba_launch(device, d, q_order, q_kb, k_order, s_idx, s_kb, tile_g, tile_q0, tile_kb, key_block, log_w, scale,
+                causal, rows, SQ):
+    """The kernels' integer plan (int32 tensors) and launch constants; arguments as gathered_block_attention."""
+    i32 = lambda x: x.to(device=device, dtype=torch.int32).contiguous()  # noqa: E731
+    dummy = torch.zeros(1, device=device, dtype=torch.int32)
+    M = 0 if (causal or s_idx is None) else s_idx.shape[1]
+    plan = (dummy if q_order is None else i32(q_order), dummy if q_kb is None else i32(q_kb),
+            dummy if k_order is None else i32(k_order), i32(s_idx) if M else dummy, i32(s_kb) if M else dummy,
+            i32(tile_g), i32(tile_q0), i32(tile_kb))
+    assert rows in (16, 32), "rows per tile must be 16 or 32"
+    kblk = SQ if causal else key_block
+    meta = dict(M=M, key_block=int(kblk), scale=float(scale), log_w=float(log_w), causal=bool(causal),
+                launch=_launch_args(d, M, rows, rows if causal else key_block))
+    return plan, meta
 
 
 def gathered_block_attention(q, k, v, q_order, q_kb, k_order, s_idx, s_kb, tile_g, tile_q0, tile_kb,
@@ -626,22 +736,13 @@ def gathered_block_attention(q, k, v, q_order, q_kb, k_order, s_idx, s_kb, tile_
       k_order (G, SK): key indices sorted by hash (block b = sorted positions b*key_block ...);
       s_idx, s_kb (G, M): sampled key indices and the key block each lies in (M may be 0);
       tile_g, tile_q0, tile_kb (NT,): a tile's group, first sorted query row (a multiple of
-      `rows`) and key block. causal=True: diagonal mode (orders, q_kb, samples unused).
+      `rows`) and key block (a block no query has: an inactive tile). causal=True: diagonal mode
+      (orders, q_kb, samples unused).
     Returns o (G, SQ, D) in q's dtype and lse (G, SQ) float32, differentiable in q, k, v.
     """
-    dev = q.device
-    G = q.shape[0]
-    i32 = lambda x: x.to(device=dev, dtype=torch.int32).contiguous()  # noqa: E731
-    dummy = torch.zeros(1, device=dev, dtype=torch.int32)
-    M = 0 if (causal or s_idx is None) else s_idx.shape[1]
-    plan = (dummy if q_order is None else i32(q_order), dummy if q_kb is None else i32(q_kb),
-            dummy if k_order is None else i32(k_order), i32(s_idx) if M else dummy, i32(s_kb) if M else dummy,
-            i32(tile_g), i32(tile_q0), i32(tile_kb))
-    assert rows in (16, 32), "rows per tile must be 16 or 32"
-    kblk = q.shape[1] if causal else key_block
-    meta = dict(M=M, key_block=int(kblk), scale=float(scale), log_w=float(log_w), causal=bool(causal),
-                launch=_launch_args(q.shape[2], M, rows, rows if causal else key_block))
-    assert G * max(q.shape[1], k.shape[1]) < 2**31
+    assert q.shape[0] * max(q.shape[1], k.shape[1]) < 2**31
+    plan, meta = _gba_launch(q.device, q.shape[2], q_order, q_kb, k_order, s_idx, s_kb, tile_g, tile_q0, tile_kb,
+                             key_block, log_w, scale, causal, rows, q.shape[1])
     return _GatheredBlockAttention.apply(q, k, v, plan, meta)
 
 
