@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.adaptive_sparse import Scorer, adaptive_sparse_attention, n_slots
+from kernels.adaptive_sparse import Scorer, adaptive_sparse_attention, block_means, n_slots
 from kernels.generative import causal_generative_function, gf_compare
 from kernels.kernel_hashing import kernel_hashing_attention, kernel_hashing_query, kh_hash, kh_levels
 from kernels.vq import gau_dense_attention, rms_norm, straight_through, vq_attention
@@ -656,9 +656,12 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 # chunks of query blocks, each against the key blocks it can see, ~5/8 of the full square); selected attention
 # O(T (kbar+2) B d) time and O(T (kbar+2) B) memory, kbar <= k the mean number of blocks kept (the
 # work follows the kept blocks, not the cap). No T x T tensor: O(T^2/B^2 + T k B) in all.
-# Decode: a KV cache (plus the queries, for the scorer's previous-block mean); each new query's
-# block is selected by the same rule from the same cached tensors, so greedy cached generation
-# equals full recompute; O(S d + n (d + r) + (k+2) B d) per token at context S.
+# Decode: a KV cache (a buffer grown by doubling, written in place) plus the block means qbar,
+# kbar, vbar of the complete blocks, each computed once when its block completes (and the queries
+# of the current partial block); each new query's block is selected by the same rule from the
+# same means, so decode equals the full forward and greedy cached generation equals full
+# recompute; O(n r (d + 1) + (k+2) B d) per token at context S, n = S/B blocks (amortised O(d)
+# for the cache append): no mean is recomputed, the cache is not copied.
 #
 # kernels/adaptive_sparse.py: scoring, selection and correction in PyTorch; the selected-block
 # attention in PyTorch by gather + softmax with query blocks grouped by their number of kept blocks,
@@ -740,13 +743,40 @@ class AdaptiveSparseAttention(nn.Module):
         return self._out(o)
 
     def decode(self, x, state):
+        """Incremental pass; state None starts at position 0. The state: the key/value cache, in a
+        zero-filled buffer grown by doubling and written in place (no per-token copy of the cache;
+        a second decode from an already extended state copies it first), the means (qbar, kbar,
+        vbar) of the complete blocks (each appended once, when its block completes) and the
+        queries of the current partial block (fewer than as_block)."""
         q, k, v = self._heads(x)
-        q0 = 0
-        if state is not None:  # append to the cache of queries, keys and values
-            q0 = state[0].shape[2]
-            q, k, v = (torch.cat([s, t], 2) for s, t in zip(state, (q, k, v)))
-        o, _, _ = adaptive_sparse_attention(q, k, v, self._gates(x), q0, self.block, self.scorer())
-        return self._out(o), (q, k, v)
+        Bk = self.block
+        q0 = 0 if state is None else state["len"]
+        S = q0 + q.shape[2]
+        if state is None:
+            buf, q_part, means = dict(k=k[:, :, :0], v=v[:, :, :0], filled=0), q[:, :, :0], [q[:, :, :0]] * 3
+        else:
+            buf, q_part, means = state["buf"], state["q_part"], state["means"]
+            if buf["filled"] != q0:  # another decode already extended this buffer: branch off a copy
+                buf = dict(k=buf["k"][:, :, :q0].clone(), v=buf["v"][:, :, :q0].clone(), filled=q0)
+        need = -(-S // Bk) * Bk  # whole blocks; rows past S stay zero (masked as causally later)
+        if buf["k"].shape[2] < need:
+            cap = max(need, -(-2 * buf["k"].shape[2] // Bk) * Bk)
+            for name in ("k", "v"):
+                grown = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
+                grown[:, :, :q0] = buf[name][:, :, :q0]
+                buf[name] = grown
+        buf["k"][:, :, q0:S], buf["v"][:, :, q0:S] = k, v
+        buf["filled"] = S
+        k, v = buf["k"], buf["v"]
+        n_old, n_new = q0 // Bk, S // Bk  # complete blocks before and after this chunk
+        q_blk = torch.cat([q_part, q], 2)  # queries from the start of block n_old
+        if n_new > n_old:
+            span = slice(n_old * Bk, n_new * Bk)
+            done = (q_blk[:, :, :(n_new - n_old) * Bk], k[:, :, span], v[:, :, span])
+            means = [torch.cat([m, block_means(t, Bk)], 2) for m, t in zip(means, done)]
+        o, _, _ = adaptive_sparse_attention(q, k, v, self._gates(x), q0, Bk, self.scorer(), means=means)
+        state = dict(buf=buf, len=S, means=means, q_part=q_blk[:, :, (n_new - n_old) * Bk:])
+        return self._out(o), state
 
     def extra_metrics(self):
         """Last forward: fraction of the causally available blocks attended (kept + previous +

@@ -321,16 +321,66 @@ def test_gradcheck(monkeypatch):
     assert torch.autograd.gradcheck(m, (x,), fast_mode=True)
 
 
-def test_decode_matches_forward_and_cached_generation():
-    m = block(as_block=4, as_k_max=2, as_threshold=0.7).double()
-    m.select_min_blocks = 3
-    x = torch.randn(2, 45, 32, dtype=torch.float64)
-    full = m(x)
+def decode_in_pieces(m, x, cuts, monkeypatch=None):
+    """m.decode over x cut at the positions `cuts`; returns the outputs and the tokens whose block
+    means were computed (summed over q, k, v calls of block_means)."""
+    averaged = [0]
+    if monkeypatch is not None:
+        real = AS.block_means
+
+        def counting(t, Bk):
+            averaged[0] += t.shape[2] // Bk * Bk
+            return real(t, Bk)
+        monkeypatch.setattr("model.block_means", counting)
     outs, state = [], None
-    for a, b in [(0, 10), (10, 11), (11, 12), (12, 30), (30, 31), (31, 45)]:  # prefill, single steps, chunks
+    bounds = [0] + list(cuts) + [x.shape[1]]
+    for a, b in zip(bounds[:-1], bounds[1:]):
         o, state = m.decode(x[:, a:b], state)
         outs.append(o)
-    assert rel_err(torch.cat(outs, 1), full) < 1e-12
+    return torch.cat(outs, 1), state, averaged[0]
+
+
+@pytest.mark.parametrize("Bk,cuts", [(4, (10, 11, 12, 30, 31)),  # prefill, single steps, chunks
+                                     (4, (10,) + tuple(range(11, 45))),  # prompt of 10, then 35 single tokens
+                                     (3, tuple(range(1, 45))),  # token by token from the first
+                                     (5, (7, 8, 9, 33) + tuple(range(34, 45)))])
+def test_decode_matches_forward_and_keeps_means_incrementally(Bk, cuts, monkeypatch):
+    """Decode equals the forward for prompts that end inside a block and single tokens that
+    complete several blocks; each complete block's mean is computed once (3 x the tokens of the
+    complete blocks in all, not once per token), and the state's means are the forward's."""
+    m = block(as_block=Bk, as_k_max=2, as_threshold=0.7).double()
+    m.select_min_blocks = 3
+    torch.nn.init.normal_(m.score_q, std=1.0)  # peaky scores, so the threshold decides
+    x = torch.randn(2, 45, 32, dtype=torch.float64)
+    full = m(x)
+    out, state, averaged = decode_in_pieces(m, x, cuts, monkeypatch)
+    assert rel_err(out, full) < 1e-12
+    assert averaged == 3 * (45 // Bk * Bk)
+    q, k, v = m._heads(x)
+    assert rel_err(state["buf"]["k"][:, :, :45], k) < 1e-12 and not state["buf"]["k"][:, :, 45:].any()
+    for got, t in zip(state["means"], (q, k, v)):
+        assert rel_err(got, AS.block_means(t, Bk)) < 1e-12
+    assert state["q_part"].shape[2] == 45 % Bk
+
+
+
+def test_decode_branches_from_an_old_state():
+    """The cache is written in place; decoding twice from the same state (two continuations of
+    one prompt) must still give each continuation its own cache."""
+    m = block(as_block=4, as_k_max=2, as_threshold=0.7).double()
+    x, y = (torch.randn(1, 30, 32, dtype=torch.float64) for _ in range(2))
+    y[:, :13] = x[:, :13]
+    _, state = m.decode(x[:, :13], None)
+    outs = {}
+    for name, z in (("x", x), ("y", y), ("x2", x)):
+        o, s = m.decode(z[:, 13:20], state)
+        o2, _ = m.decode(z[:, 20:], s)
+        outs[name] = torch.cat([o, o2], 1)
+    assert rel_err(outs["x"], m(x)[:, 13:]) < 1e-12 and rel_err(outs["y"], m(y)[:, 13:]) < 1e-12
+    assert rel_err(outs["x2"], outs["x"]) < 1e-12
+
+
+def test_decode_cached_generation():
     g = tiny_gpt().eval()
     idx = torch.randint(0, 40, (2, 5))
     # 70 new tokens run past block_size=64: the context is cropped and the cache rebuilt
@@ -372,6 +422,10 @@ def test_bucketed_path_matches_slot_path(B, H, nq, D, Bk, n_sel, i0):
     for name, a, b in zip(("o", "dq", "dk", "dv", "dbias"), got, want):
         assert rel_err(a, b) < 1e-12, name
     assert work["tiles"] == (idx >= 0).sum().item()  # exactly the listed tiles, no empty slot
+    if nq - i0 == 1:  # one query block: any run of its rows alone gives those rows of the whole block
+        for r0, r1 in ((0, 1), (1, Bk), (Bk - 1, Bk)):
+            part = AS.as_block_sparse_attention_buckets(q[:, :, r0:r1], k, v, idx, bias, Bk, i0, row0=r0)
+            assert rel_err(part, o[:, :, r0:r1]) < 1e-12
 
 
 def test_work_follows_the_kept_blocks_not_k_max():
