@@ -705,6 +705,7 @@ class AdaptiveSparseAttention(nn.Module):
         # NSA-style gates (g_sel, g_cmp) per token and head; absent in the dense-equivalent setting
         self.gate = None if self.dense_equivalent else nn.Linear(config.n_embd, 2 * config.n_head, bias=True)
         self._stats = None
+        self._last_T = None
         self.last_selected = None  # last forward: (B, H, n_blocks, n_slots) kept candidate ids, -1 = none
         self.last_kept = None  # last forward: (B, H, n_blocks) number of kept candidates
 
@@ -731,6 +732,7 @@ class AdaptiveSparseAttention(nn.Module):
         gates = self._gates(x)
         o, sel, blocks = adaptive_sparse_attention(q, k, v, gates, 0, self.block, self.scorer())
         with torch.no_grad():  # diagnostics for extra_metrics (kept on device, read at evaluation)
+            self._last_T = x.shape[1]
             self.last_selected = sel.detach()
             self.last_kept = kept = (sel >= 0).sum(-1)
             attended = kept + (blocks > 0).long() + 1  # kept candidates + previous + own block
@@ -797,6 +799,20 @@ class AdaptiveSparseAttention(nn.Module):
         at_cap = (kept == self.k_max) & (n_cand > self.k_max) if self.k_max is not None else torch.zeros_like(kept)
         stats = torch.stack([kept.mean(), kept.min(), kept.max(), at_cap.float().mean()]).tolist()  # one sync
         return dict(zip(("as/kept_mean", "as/kept_min", "as/kept_max", "as/at_cap"), stats))
+
+    def work_stats(self):
+        """The work of the last forward: mean scored candidates kept per query block (over every
+        query block, head and row: blocks 0 and 1, which have none, count as 0) and the fraction of
+        the T (T + 1) / 2 causal (query, key) pairs attended by the selected-block branch (kept and
+        previous blocks in full, the own block causally). {} before a forward."""
+        if self.last_kept is None:
+            return {}
+        T, Bk = self._last_T, self.block
+        kept = self.last_kept.double()
+        i = torch.arange(kept.shape[-1], device=kept.device)
+        rows = (T - i * Bk).clamp(max=Bk).double()  # query rows of block i (the last may be partial)
+        pairs = ((kept + (i > 0).double()) * Bk * rows + rows * (rows + 1) / 2).sum(-1).mean()
+        return dict(kept_per_block=float(kept.mean()), frac_pairs=float(pairs) / (T * (T + 1) / 2))
 
     def attn_flops_per_token(self, T):
         # forward + backward (x3), 2 flops per MAC, as DenseAttention counts it: the selected
