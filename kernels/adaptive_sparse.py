@@ -5,9 +5,12 @@
                          as_block_sparse_attention_torch: the selected-block attention by gathering
                          every slot up to k_max (batched gather + softmax, empty slots masked)
     CPU-fast path        as_block_sparse_attention_buckets: the same, with query blocks grouped by how
-                         many blocks they list, so the work follows the kept blocks, not k_max
+                         many blocks they list, so the work follows the kept blocks, not k_max (and
+                         only the new rows of a decode query block); window_attention: the sliding-
+                         window branch on the same path (every device: no Triton kernel for it)
     entry point          adaptive_sparse_attention: selection (in query-block chunks), then the
-                         selected-block attention (Triton on CUDA, the bucketed path otherwise), gates
+                         selected-block attention (Triton on CUDA, the bucketed path otherwise), gates;
+                         block_means, which decode keeps incrementally and passes in (means=)
     Triton kernels       block_sparse_attention: block-sparse flash attention, below
 
 Triton kernels: block-sparse flash attention.
