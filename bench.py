@@ -171,7 +171,20 @@ def make_case(name, what, T, device="cpu", dtype_name="auto"):
             loss = loss_fn()
         loss.backward()
 
-    return step, {"n_params": sum(p.numel() for p in module.parameters()), "dtype": dtype_name, "knobs": knobs}
+    # blocks that report the work of their last forward (adaptive-sparse: kept blocks, pairs attended)
+    workers = [m for m in module.modules() if hasattr(m, "work_stats")]
+    return step, {"n_params": sum(p.numel() for p in module.parameters()), "dtype": dtype_name, "knobs": knobs,
+                  "work": (lambda: work_of(workers)) if workers else None}
+
+
+def work_of(modules):
+    """The last forward's kept blocks per query block and fraction of causal pairs attended, averaged
+    over the modules (the layers of a model) that report them; {} when none has run."""
+    stats = [m.work_stats() for m in modules]
+    stats = [st for st in stats if st]
+    if not stats:
+        return {}
+    return {k: statistics.fmean(st[k] for st in stats) for k in ("kept_per_block", "frac_pairs")}
 
 
 def timed(step, device_type):
@@ -280,7 +293,8 @@ def measure_memory_cpu(name, what, T, dtype_name="auto", timeout=3600, limit_mib
 
 def _row(name, what, T, device, **kw):
     row = dict(what=what, attention=name, T=T, device=device, dtype="", status="ok", ms=None, ms_min=None,
-               repeats=0, ratio_vs_dense=None, peak_mem_mib=None, mem_method="", note="", n_params=None, knobs="")
+               repeats=0, ratio_vs_dense=None, peak_mem_mib=None, mem_method="", note="", n_params=None, knobs="",
+               kept_per_block=None, frac_pairs=None)
     row.update(kw)
     return row
 
@@ -330,7 +344,7 @@ def run(names, what, Ts, device="cpu", repeats=5, warmup=1, max_seconds=20.0, dt
                 else:
                     mem_hist[name].append((T, p["peak_mem_mib"]))
         # 3. build and warm up the cases, then interleave timed runs round-robin
-        cases = {}
+        cases, works = {}, {}
         for name in runnable:
             row = rows.get((name, T)) or _row(name, what, T, device)
             rows[name, T] = row
@@ -349,6 +363,7 @@ def run(names, what, Ts, device="cpu", repeats=5, warmup=1, max_seconds=20.0, dt
                                mem_method="cuda max_memory_allocated")
                     mem_hist[name].append((T, row["peak_mem_mib"]))
                 cases[name] = (step, [])
+                works[name] = info["work"]
             except Exception as e:  # noqa: BLE001 - one failing block must not stop the others
                 row.update(status="oom" if is_oom(e) else "error", note=error_note(e))
                 oom_at.update({name: T} if row["status"] == "oom" else {})
@@ -374,6 +389,8 @@ def run(names, what, Ts, device="cpu", repeats=5, warmup=1, max_seconds=20.0, dt
         for name, (_, ts) in cases.items():
             row = rows[name, T]
             row.update(ms=statistics.median(ts), ms_min=min(ts), repeats=len(ts))
+            if works.get(name) is not None:  # the work of the last timed forward
+                row.update(works[name]())
             mem_txt = f", peak +{row['peak_mem_mib']:.1f} MiB" if row["peak_mem_mib"] is not None else ""
             log(f"{what} T={T} {name}: {row['ms']:.2f} ms (median of {len(ts)}){mem_txt}")
         del cases
@@ -440,8 +457,10 @@ def _num(x):
 def _cell_time(r):
     if r["status"] != "ok" or r["ms"] is None:
         return r["status"]
-    ratio = f" ({r['ratio_vs_dense']:.2f}x)" if r["ratio_vs_dense"] is not None else ""
-    return _num(r["ms"]) + ratio
+    parts = [f"{r['ratio_vs_dense']:.2f}x"] if r["ratio_vs_dense"] is not None else []
+    if r.get("kept_per_block") is not None:  # the work behind the time (adaptive-sparse)
+        parts.append(f"kept {r['kept_per_block']:.1f}/qblk, {100 * r['frac_pairs']:.1f}% pairs")
+    return _num(r["ms"]) + (f" ({'; '.join(parts)})" if parts else "")
 
 
 def _cell_mem(r):
@@ -461,7 +480,9 @@ def markdown_tables(rows):
     by = {(r["attention"], r["T"]): r for r in rows}
     head = "| attention | " + " | ".join(f"T={t}" for t in Ts) + f" | exponent ({fit_lo}-{fit_hi}) |"
     rule = "|---|" + "---:|" * (len(Ts) + 1)
-    lines = ["Forward+backward time, ms (ratio vs dense at the same T):", "", head, rule]
+    work = ("; for blocks that select, the timed forward's mean kept blocks per query block and % of the causal "
+            "(query, key) pairs attended" if any(r.get("kept_per_block") is not None for r in rows) else "")
+    lines = [f"Forward+backward time, ms (ratio vs dense at the same T{work}):", "", head, rule]
     lines += [f"| {n} | " + " | ".join(_cell_time(by[n, t]) for t in Ts) + f" | {_fmt_exp(by[n, Ts[0]]['time_exponent'])} |"
               for n in names]
     if any(r["peak_mem_mib"] is not None for r in rows):
@@ -481,7 +502,8 @@ def command_line(argv):
 
 
 CSV_COLUMNS = ["what", "attention", "T", "device", "dtype", "status", "ms", "ms_min", "repeats", "ratio_vs_dense",
-               "peak_mem_mib", "mem_method", "time_exponent", "mem_exponent", "n_params", "knobs", "note"]
+               "peak_mem_mib", "mem_method", "time_exponent", "mem_exponent", "n_params", "knobs", "kept_per_block",
+               "frac_pairs", "note"]
 
 
 def write_reports(rows, what, out_dir, argv, device):

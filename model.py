@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.adaptive_sparse import Scorer, adaptive_sparse_attention, n_slots
+from kernels.adaptive_sparse import Scorer, adaptive_sparse_attention, block_means, n_slots
 from kernels.generative import causal_generative_function, gf_compare
 from kernels.kernel_hashing import kernel_hashing_attention, kernel_hashing_query, kh_hash, kh_levels
 from kernels.vq import gau_dense_attention, rms_norm, straight_through, vq_attention
@@ -72,6 +72,8 @@ class GPTConfig:
     as_k_max: int = 8
     as_score_dim: int = 32
     as_dense_equivalent: bool = False
+    as_window: int = 0  # NSA's sliding-window branch of this many tokens, gated per token (0: off)
+    as_force_first: bool = False  # NSA's forced initial block: block 0 always attended, never scored
     # generative-function (Hilsenbek 2024)
     gf_fn: str = "min"  # f in y_t = f(x_t, x_{t-1}): min (the paper's), max or mean
     gf_avg_context: bool = False  # also compare with the causal running mean of x_0..x_t
@@ -646,6 +648,15 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 #   output       y_t = W_o [g_sel_t * o_sel_t + g_cmp_t * c_{block(t)}],
 #                (g_sel, g_cmp) = sigmoid(x_t W_g + b_g) per token and head, as NSA's gates
 #
+# NSA's other options, each off by default:
+#   as_window = w > 0     a third branch, NSA's sliding window, with its own softmax and gate:
+#                         o_win_t = sum_{t-w < s <= t} softmax_s(q_t . k_s / sqrt(d)) v_s,
+#                         y_t = W_o [g_sel o_sel + g_cmp c + g_win o_win], g_win a third sigmoid
+#                         gate per token and head (not with as_dense_equivalent: no gates there)
+#   as_force_first        NSA's forced initial block, as an addition to the selected set: block 0
+#                         is not a candidate (not scored, not counted in k_min/k_max, not in the
+#                         correction) and is always attended: K_i = kept + {0, i-1, i} for i >= 2
+#
 # Strictly causal: the scorer's query side is the mean query of the previous (complete) block,
 # so a block's selection and correction depend only on tokens before it, and only complete
 # blocks j <= i-2 are ever scored or pooled. The scorer starts as MoBA's rule: W_q = W_k = one
@@ -669,9 +680,12 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 # chunks of query blocks, each against the key blocks it can see, ~5/8 of the full square); selected attention
 # O(T (kbar+2) B d) time and O(T (kbar+2) B) memory, kbar <= k the mean number of blocks kept (the
 # work follows the kept blocks, not the cap). No T x T tensor: O(T^2/B^2 + T k B) in all.
-# Decode: a KV cache (plus the queries, for the scorer's previous-block mean); each new query's
-# block is selected by the same rule from the same cached tensors, so greedy cached generation
-# equals full recompute; O(S d + n (d + r) + (k+2) B d) per token at context S.
+# Decode: a KV cache (a buffer grown by doubling, written in place) plus the block means qbar,
+# kbar, vbar of the complete blocks, each computed once when its block completes (and the queries
+# of the current partial block); each new query's block is selected by the same rule from the
+# same means, so decode equals the full forward and greedy cached generation equals full
+# recompute; O(n r (d + 1) + (k+2) B d) per token at context S, n = S/B blocks (amortised O(d)
+# for the cache append): no mean is recomputed, the cache is not copied.
 #
 # kernels/adaptive_sparse.py: scoring, selection and correction in PyTorch; the selected-block
 # attention in PyTorch by gather + softmax with query blocks grouped by their number of kept blocks,
@@ -690,9 +704,11 @@ class AdaptiveSparseAttention(nn.Module):
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         for key, ok in (("as_block", config.as_block >= 1), ("as_k_min", config.as_k_min >= 0),
                         ("as_k_max", config.as_k_max >= 0), ("as_threshold", 0 < config.as_threshold <= 1),
-                        ("as_score_dim", config.as_score_dim >= 1)):
+                        ("as_score_dim", config.as_score_dim >= 1), ("as_window", config.as_window >= 0)):
             if not ok:
                 raise ValueError(f"{key} out of range: got {getattr(config, key)!r} (see AdaptiveSparseAttention)")
+        if config.as_window and config.as_dense_equivalent:
+            raise ValueError("as_window needs the gates, which the dense-equivalent setting has not: set as_window=0")
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.block = config.as_block
@@ -701,6 +717,8 @@ class AdaptiveSparseAttention(nn.Module):
         self.k_max = None if self.dense_equivalent else config.as_k_max  # None: no cap
         self.k_min = config.as_k_min
         self.score_dim = config.as_score_dim
+        self.window = config.as_window
+        self.force_first = int(bool(config.as_force_first))  # 1: block 0 forced
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -712,9 +730,11 @@ class AdaptiveSparseAttention(nn.Module):
         self.score_q = nn.Parameter(proj.clone())
         self.score_k = nn.Parameter(proj.clone())
         self.score_log_temp = nn.Parameter(torch.zeros(self.n_head))  # per-head sharpness, not decayed
-        # NSA-style gates (g_sel, g_cmp) per token and head; absent in the dense-equivalent setting
-        self.gate = None if self.dense_equivalent else nn.Linear(config.n_embd, 2 * config.n_head, bias=True)
+        # NSA-style gates (g_sel, g_cmp[, g_win]) per token and head; absent in the dense-equivalent setting
+        n_gates = 3 if self.window else 2
+        self.gate = None if self.dense_equivalent else nn.Linear(config.n_embd, n_gates * config.n_head, bias=True)
         self._stats = None
+        self._last_T = None
         self.last_selected = None  # last forward: (B, H, n_blocks, n_slots) kept candidate ids, -1 = none
         self.last_kept = None  # last forward: (B, H, n_blocks) number of kept candidates
 
@@ -726,40 +746,73 @@ class AdaptiveSparseAttention(nn.Module):
     def scorer(self):
         """The scorer's parameters and the selection rule, for adaptive_sparse_attention."""
         return Scorer(self.score_q, self.score_k, self.score_log_temp, self.threshold, self.k_min, self.k_max,
-                      self.select_chunks, self.select_min_blocks, straight_through=not self.dense_equivalent)
+                      self.select_chunks, self.select_min_blocks, straight_through=not self.dense_equivalent,
+                      first=self.force_first)
 
     def _gates(self, x):
-        """(g_sel, g_cmp), each (B, H, T, 1); None in the dense-equivalent setting."""
+        """(g_sel, g_cmp[, g_win]), each (B, H, T, 1); None in the dense-equivalent setting."""
         if self.gate is None:
             return None
         B, T, _ = x.shape
-        g = torch.sigmoid(self.gate(x)).view(B, T, 2, self.n_head).permute(2, 0, 3, 1).unsqueeze(-1)
-        return g[0], g[1]
+        g = torch.sigmoid(self.gate(x)).view(B, T, -1, self.n_head).permute(2, 0, 3, 1).unsqueeze(-1)
+        return tuple(g)
 
     def forward(self, x):
         q, k, v = self._heads(x)
         gates = self._gates(x)
-        o, sel, blocks = adaptive_sparse_attention(q, k, v, gates, 0, self.block, self.scorer())
+        o, sel, blocks = adaptive_sparse_attention(q, k, v, gates, 0, self.block, self.scorer(), window=self.window)
         with torch.no_grad():  # diagnostics for extra_metrics (kept on device, read at evaluation)
+            self._last_T = x.shape[1]
             self.last_selected = sel.detach()
             self.last_kept = kept = (sel >= 0).sum(-1)
             attended = kept + (blocks > 0).long() + 1  # kept candidates + previous + own block
+            attended = attended + (blocks >= 2).long() * self.force_first  # + block 0 when forced
             available = (blocks + 1).expand_as(attended)  # blocks 0..i
-            scored = (blocks >= 2).expand_as(kept)  # query blocks that have candidates
+            scored = (blocks >= 2 + self.force_first).expand_as(kept)  # query blocks that have candidates
             self._stats = dict(frac_blocks_attended=attended.sum() / available.sum(),
                                blocks_selected=(kept * scored).sum() / scored.sum().clamp(min=1))
             if gates is not None:
                 self._stats.update(gate_sel=gates[0].mean(), gate_cmp=gates[1].mean())
+                if self.window:
+                    self._stats.update(gate_win=gates[2].mean())
         return self._out(o)
 
     def decode(self, x, state):
+        """Incremental pass; state None starts at position 0. The state: the key/value cache, in a
+        zero-filled buffer grown by doubling and written in place (no per-token copy of the cache;
+        a second decode from an already extended state copies it first), the means (qbar, kbar,
+        vbar) of the complete blocks (each appended once, when its block completes) and the
+        queries of the current partial block (fewer than as_block)."""
         q, k, v = self._heads(x)
-        q0 = 0
-        if state is not None:  # append to the cache of queries, keys and values
-            q0 = state[0].shape[2]
-            q, k, v = (torch.cat([s, t], 2) for s, t in zip(state, (q, k, v)))
-        o, _, _ = adaptive_sparse_attention(q, k, v, self._gates(x), q0, self.block, self.scorer())
-        return self._out(o), (q, k, v)
+        Bk = self.block
+        q0 = 0 if state is None else state["len"]
+        S = q0 + q.shape[2]
+        if state is None:
+            buf, q_part, means = dict(k=k[:, :, :0], v=v[:, :, :0], filled=0), q[:, :, :0], [q[:, :, :0]] * 3
+        else:
+            buf, q_part, means = state["buf"], state["q_part"], state["means"]
+            if buf["filled"] != q0:  # another decode already extended this buffer: branch off a copy
+                buf = dict(k=buf["k"][:, :, :q0].clone(), v=buf["v"][:, :, :q0].clone(), filled=q0)
+        need = -(-S // Bk) * Bk  # whole blocks; rows past S stay zero (masked as causally later)
+        if buf["k"].shape[2] < need:
+            cap = max(need, -(-2 * buf["k"].shape[2] // Bk) * Bk)
+            for name in ("k", "v"):
+                grown = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
+                grown[:, :, :q0] = buf[name][:, :, :q0]
+                buf[name] = grown
+        buf["k"][:, :, q0:S], buf["v"][:, :, q0:S] = k, v
+        buf["filled"] = S
+        k, v = buf["k"], buf["v"]
+        n_old, n_new = q0 // Bk, S // Bk  # complete blocks before and after this chunk
+        q_blk = torch.cat([q_part, q], 2)  # queries from the start of block n_old
+        if n_new > n_old:
+            span = slice(n_old * Bk, n_new * Bk)
+            done = (q_blk[:, :, :(n_new - n_old) * Bk], k[:, :, span], v[:, :, span])
+            means = [torch.cat([m, block_means(t, Bk)], 2) for m, t in zip(means, done)]
+        o, _, _ = adaptive_sparse_attention(q, k, v, self._gates(x), q0, Bk, self.scorer(), means=means,
+                                            window=self.window)
+        state = dict(buf=buf, len=S, means=means, q_part=q_blk[:, :, (n_new - n_old) * Bk:])
+        return self._out(o), state
 
     def extra_metrics(self):
         """Last forward: fraction of the causally available blocks attended (kept + previous +
@@ -773,7 +826,8 @@ class AdaptiveSparseAttention(nn.Module):
         the cap (kept = k_max < candidates). {} before a forward or when no block has candidates."""
         if self.last_kept is None:
             return {}
-        n_cand = (torch.arange(self.last_kept.shape[-1], device=self.last_kept.device) - 1).clamp(min=0)
+        i = torch.arange(self.last_kept.shape[-1], device=self.last_kept.device)
+        n_cand = (i - 1 - self.force_first).clamp(min=0)  # candidates of block i
         kept, n_cand = self.last_kept[..., n_cand > 0].float(), n_cand[n_cand > 0]
         if kept.numel() == 0:
             return {}
@@ -781,12 +835,29 @@ class AdaptiveSparseAttention(nn.Module):
         stats = torch.stack([kept.mean(), kept.min(), kept.max(), at_cap.float().mean()]).tolist()  # one sync
         return dict(zip(("as/kept_mean", "as/kept_min", "as/kept_max", "as/at_cap"), stats))
 
+    def work_stats(self):
+        """The work of the last forward: mean scored candidates kept per query block (over every
+        query block, head and row: blocks 0 and 1, which have none, count as 0) and the fraction of
+        the T (T + 1) / 2 causal (query, key) pairs attended by the selected-block branch (kept,
+        forced first and previous blocks in full, the own block causally; the window branch, when
+        on, is not counted). {} before a forward."""
+        if self.last_kept is None:
+            return {}
+        T, Bk = self._last_T, self.block
+        kept = self.last_kept.double()
+        i = torch.arange(kept.shape[-1], device=kept.device)
+        rows = (T - i * Bk).clamp(max=Bk).double()  # query rows of block i (the last may be partial)
+        full = kept + (i > 0).double() + (i >= 2).double() * self.force_first  # + block 0 when forced
+        pairs = (full * Bk * rows + rows * (rows + 1) / 2).sum(-1).mean()
+        return dict(kept_per_block=float(kept.mean()), frac_pairs=float(pairs) / (T * (T + 1) / 2))
+
     def attn_flops_per_token(self, T):
         # forward + backward (x3), 2 flops per MAC, as DenseAttention counts it: the selected
         # attention per token, plus per query block (shared by its B tokens) the scores, the
         # straight-through pi @ sk, and the correction (logits and values at width max(d, r))
         nb = -(-T // self.block)
-        keys = min(T, (n_slots(nb, self.k_max) + 2) * self.block)
+        keys = min(T, (n_slots(nb, self.k_max, self.force_first) + 2 + self.force_first) * self.block)
+        keys += min(T, self.window)  # the sliding-window branch (an upper bound: ~w keys per token)
         width = max(self.head_dim, self.score_dim)
         per_block = nb * 2 * self.score_dim + (0 if self.gate is None else nb * 2 * width)
         return 12 * self.c_proj.in_features * keys + 6 * self.n_head * per_block / self.block

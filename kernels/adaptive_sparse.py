@@ -5,9 +5,12 @@
                          as_block_sparse_attention_torch: the selected-block attention by gathering
                          every slot up to k_max (batched gather + softmax, empty slots masked)
     CPU-fast path        as_block_sparse_attention_buckets: the same, with query blocks grouped by how
-                         many blocks they list, so the work follows the kept blocks, not k_max
+                         many blocks they list, so the work follows the kept blocks, not k_max (and
+                         only the new rows of a decode query block); window_attention: the sliding-
+                         window branch on the same path (every device: no Triton kernel for it)
     entry point          adaptive_sparse_attention: selection (in query-block chunks), then the
-                         selected-block attention (Triton on CUDA, the bucketed path otherwise), gates
+                         selected-block attention (Triton on CUDA, the bucketed path otherwise), gates;
+                         block_means, which decode keeps incrementally and passes in (means=)
     Triton kernels       block_sparse_attention: block-sparse flash attention, below
 
 Triton kernels: block-sparse flash attention.
@@ -53,11 +56,12 @@ class Scorer(NamedTuple):
     chunks: int = 4
     min_blocks: int = 64
     straight_through: bool = True
+    first: int = 0  # 1: block 0 is forced (always attended), not a candidate
 
 
-def n_slots(n_blocks, k_max):
-    """Selected slots per query block: every candidate can be kept unless k_max caps it."""
-    n = max(n_blocks - 2, 0)
+def n_slots(n_blocks, k_max, first=0):
+    """Selected slots per query block: every candidate (blocks first..i-2) can be kept unless k_max caps it."""
+    n = max(n_blocks - 2 - first, 0)
     return n if k_max is None else min(k_max, n)
 
 
@@ -68,10 +72,11 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
     the straight-through bias of those slots; c (B, H, nq, D) the correction, or None."""
     B, H, nq, D = q_prev.shape
     nk = kbar.shape[2]
-    k = min(nk, n_slots(q_block0 + nq, scorer.k_max))  # the most slots any of these blocks has
+    first = scorer.first
+    k = min(nk, n_slots(q_block0 + nq, scorer.k_max, first))  # the most slots any of these blocks has
     dev = q_prev.device
     dt = torch.promote_types(q_prev.dtype, torch.float32)
-    if nk == 0 or n_slots(q_block0 + nq, None) == 0 or (k == 0 and not correction):
+    if nk <= first or n_slots(q_block0 + nq, None, first) == 0 or (k == 0 and not correction):
         # at most two blocks (nothing to score, nothing dropped), or k_max = 0 without a correction
         empty = torch.zeros(B, H, nq, 0, device=dev)
         return empty.long(), empty.to(dt), q_prev.new_zeros(B, H, nq, D, dtype=dt) if correction else None
@@ -80,7 +85,8 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
         sq = torch.einsum("bhnd,hdr->bhnr", q_prev.to(dt), scorer.score_q.to(dt)) * temp
         sk = torch.einsum("bhnd,hdr->bhnr", kbar.to(dt), scorer.score_k.to(dt))
         i = torch.arange(q_block0, q_block0 + nq, device=dev).view(nq, 1)
-        cand = torch.arange(nk, device=dev) <= i - 2  # fully past and not forced: (nq, nk)
+        j = torch.arange(nk, device=dev)
+        cand = (j <= i - 2) & (j >= first)  # fully past and not forced: (nq, nk)
         with torch.no_grad():  # the ranking is discrete: no graph through the (nq, nk) scores
             s = (sq @ sk.transpose(-1, -2)).masked_fill_(~cand, -1e9)  # finite: rows without candidates stay NaN-free
             top = s.topk(k, dim=-1).indices  # best first; ranked by s, not pi, which can underflow to 0
@@ -88,7 +94,7 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
             del s
             top_p = pi.gather(-1, top)
             rank = torch.arange(k, device=dev)
-            valid = (rank < (i - 1).clamp(min=0)) & (top <= i - 2)  # a real candidate at rank r
+            valid = (rank < (i - 1 - first).clamp(min=0)) & (top <= i - 2) & (top >= first)  # a real candidate
             if scorer.threshold >= 1.0:
                 keep = valid.expand(B, H, nq, k)
             else:
@@ -124,7 +130,7 @@ def _select_in_chunks(q_prev, kbar, vbar, q_block0, scorer, correction):
     """score_and_select over up to scorer.chunks ranges of query blocks, each against only the
     key blocks it can see (the score matrix is block-lower-triangular): about half the work."""
     nq = q_prev.shape[2]
-    k = n_slots(q_block0 + nq, scorer.k_max)
+    k = n_slots(q_block0 + nq, scorer.k_max, scorer.first)
     per = max(scorer.min_blocks, -(-nq // scorer.chunks))
     sels, sts, cs = [], [], []
     for a in range(0, nq, per):
@@ -165,13 +171,20 @@ def as_block_sparse_attention_torch(q, k, v, idx, bias, block, q_block0=0):
     return (att.softmax(-1) @ vg).view(B, H, Tq, D)
 
 
-def as_block_sparse_attention_buckets(q, k, v, idx, bias, block, q_block0=0, work=None):
+def as_block_sparse_attention_buckets(q, k, v, idx, bias, block, q_block0=0, work=None, row0=0, window=0):
     """as_block_sparse_attention_torch (same arguments and result) at a cost set by the listed
     blocks, not the slots: query blocks are grouped by how many blocks they list, and each group
     gathers exactly that many, so empty slots cost nothing. work: optional dict; work["tiles"] is
-    increased by the (query block, key block) tiles computed (a FLOP proxy: 4 block^2 D each)."""
+    increased by the (query block, key block) tiles computed (a FLOP proxy: 4 block^2 D each).
+    With one query block (nq = 1), q may hold only some of its rows: those at offsets row0.. in
+    the block (decode: the new tokens only, not the whole block). window > 0: a query at t also
+    ignores the keys s <= t - window (the sliding-window branch)."""
     B, H, Tq, D = q.shape
     nq, ns = idx.shape[2], idx.shape[3]
+    rows_q = Tq // nq  # query rows per block: block, or the rows given (nq = 1)
+    if Tq != nq * rows_q or (nq > 1 and (rows_q != block or row0 != 0)) or row0 + rows_q > block:
+        raise ValueError(f"as_block_sparse_attention_buckets: {Tq} query rows at offset {row0} do not fit "
+                         f"{nq} blocks of {block}")
     nk = k.shape[2] // block
     dev = q.device
     listed = idx >= 0
@@ -181,7 +194,7 @@ def as_block_sparse_attention_buckets(q, k, v, idx, bias, block, q_block0=0, wor
     count = listed.sum(-1).view(-1)
     qrow = torch.arange(B * H * nq, device=dev)
     krow0 = qrow // nq * nk  # first row of the query block's head in the (B*H*nk) key table
-    qf = q.reshape(B * H * nq, block, D)
+    qf = q.reshape(B * H * nq, rows_q, D)
     kf, vf = k.reshape(B * H * nk, block * D), v.reshape(B * H * nk, block * D)
     offs = torch.arange(block, device=dev)
     rows_all, outs = [], []
@@ -190,7 +203,7 @@ def as_block_sparse_attention_buckets(q, k, v, idx, bias, block, q_block0=0, wor
         R = rows.numel()
         if n == 0:  # nothing listed: no keys (the model always lists the own block)
             rows_all.append(rows)
-            outs.append(qf.new_zeros(R, block, D))
+            outs.append(qf.new_zeros(R, rows_q, D))
             continue
         ids = idx_c.index_select(0, rows)[:, :n]
         krows = (krow0.index_select(0, rows).unsqueeze(1) + ids).reshape(-1)
@@ -198,9 +211,12 @@ def as_block_sparse_attention_buckets(q, k, v, idx, bias, block, q_block0=0, wor
         vg = vf.index_select(0, krows).view(R, n * block, D)
         b = bias_c.index_select(0, rows)[:, :n].to(q.dtype).repeat_interleave(block, dim=-1).unsqueeze(1)
         att = torch.baddbmm(b, qf.index_select(0, rows), kg.transpose(-1, -2), alpha=1.0 / math.sqrt(D))
-        qpos = (q_block0 + rows % nq).unsqueeze(1) * block + offs  # (R, block)
+        qpos = (q_block0 + rows % nq).unsqueeze(1) * block + row0 + offs[:rows_q]  # (R, rows_q)
         kpos = (ids.unsqueeze(-1) * block + offs).view(R, 1, n * block)
-        att.masked_fill_(kpos > qpos.unsqueeze(-1), float("-inf"))  # in place: one fewer copy
+        hide = kpos > qpos.unsqueeze(-1)
+        if window:
+            hide |= kpos <= qpos.unsqueeze(-1) - window
+        att.masked_fill_(hide, float("-inf"))  # in place: one fewer copy
         rows_all.append(rows)
         outs.append(att.softmax(-1) @ vg)
         if work is not None:
@@ -217,43 +233,93 @@ def _kernel_for(t):
     return block_sparse_attention if t.is_cuda and HAS_TRITON else None
 
 
-def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None):
-    """The adaptive-sparse mixing of the queries at positions q0..S-1 of q, k, v (B, H, S, D):
-    outputs (B, H, S - q0, D), the kept candidates (B, H, nq, n_slots) of the query blocks computed
-    (block ids, best first, -1 = none; no grad) and their ids (nq,). gates: (g_sel, g_cmp), each (B, H, S - q0, 1), or None (no correction); scorer:
-    a Scorer. The selected-block attention runs the Triton kernel on CUDA for block >= 16, a power
-    of two (and q0 < block), as_block_sparse_attention_buckets otherwise (work: its tile counter)."""
-    B, H, S, D = k.shape
+def block_means(t, block):
+    """Means of t (B, H, S, D) over each complete block of `block` tokens: (B, H, S // block, D)."""
+    B, H, S, D = t.shape
+    n = S // block
+    return t[:, :, :n * block].reshape(B, H, n, block, D).mean(3)
+
+
+def window_attention(q, kp, vp, q0, S, block, window, work=None):
+    """The sliding-window branch: each query t of q (B, H, S - q0, D), at positions q0..S-1, attends
+    causally to the keys t - window < s <= t of kp, vp (whole blocks, rows past S unused): the
+    blocked path with each query block listing the ceil((window - 1) / block) blocks before it."""
+    B, H, _, D = q.shape
+    i0, nb = q0 // block, -(-S // block)
+    nq, back = nb - i0, -(-(window - 1) // block)
+    blocks = torch.arange(i0, nb, device=q.device).view(nq, 1) + torch.arange(-back, 1, device=q.device)
+    idx = torch.where(blocks >= 0, blocks, -1).expand(B, H, nq, back + 1)
+    bias = q.new_zeros(1, 1, 1, 1).expand(B, H, nq, back + 1)
+    if nq == 1:  # decode: only the new rows
+        return as_block_sparse_attention_buckets(q, kp, vp, idx, bias, block, i0, work, q0 - i0 * block, window)
+    qp = F.pad(q, (0, 0, q0 - i0 * block, nb * block - S))
+    o = as_block_sparse_attention_buckets(qp, kp, vp, idx, bias, block, i0, work, window=window)
+    return o[:, :, q0 - i0 * block:S - i0 * block]
+
+
+def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None, means=None, window=0):
+    """The adaptive-sparse mixing of the queries q (B, H, S - q0, D) at positions q0..S-1 against
+    k, v (B, H, >= S, D) (rows past S are ignored): outputs (B, H, S - q0, D), the kept candidates (B, H, nq, n_slots) of the
+    query blocks computed (block ids, best first, -1 = none; no grad) and their ids (nq,). gates:
+    (g_sel, g_cmp), each (B, H, S - q0, 1), or None (no correction), plus g_win with window > 0
+    (the sliding-window branch of window tokens, added as g_win * o_win); scorer: a Scorer. means: the
+    block means (qbar, kbar, vbar), each (B, H, >= ceil(S/block) - 1, D), of the complete blocks
+    (decode keeps them incrementally), or None: computed here from q, k, v (then q0 must be 0).
+    The selected-block attention runs the Triton kernel on CUDA for block >= 16, a power of two
+    (and q0 < block), as_block_sparse_attention_buckets otherwise (work: its tile counter)."""
+    if window and (gates is None or len(gates) < 3):
+        raise ValueError("adaptive_sparse_attention: window > 0 needs the gates (g_sel, g_cmp, g_win)")
+    B, H, _, D = k.shape
+    S = q0 + q.shape[2]  # k, v may run past S (decode keeps its cache padded to whole blocks)
     Bk = block
     nb = -(-S // Bk)
     i0 = q0 // Bk  # first query block computed
+    if means is None:
+        if q0 != 0:
+            raise ValueError("adaptive_sparse_attention: q0 > 0 needs the block means of the cache (means=...)")
+        means = [block_means(t, Bk) for t in (q, k, v)]
+    qbar, kbar, vbar = means  # only complete blocks (j <= i-2 for k, v; i-1 for q) are ever used
+    if qbar.shape[2] < nb - 1 or kbar.shape[2] < nb - 1 or vbar.shape[2] < nb - 1:
+        raise ValueError(f"adaptive_sparse_attention: means cover fewer than the {nb - 1} complete blocks")
     pad = nb * Bk - S
-    qp, kp, vp = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, k, v))
-    kbar = kp.view(B, H, nb, Bk, D).mean(3)  # only complete blocks (j <= i-2) are ever used
-    vbar = vp.view(B, H, nb, Bk, D).mean(3)
-    q_prev = qp.view(B, H, nb, Bk, D).mean(3)[:, :, max(i0 - 1, 0):nb - 1]  # previous block's mean query
+    # whole key blocks (rows past S are masked as causally later); a longer cache of whole blocks is
+    # used as it is: slicing it would make the key table non-contiguous, a copy of the whole cache
+    kp, vp = (t if t.shape[2] >= nb * Bk and t.shape[2] % Bk == 0 else F.pad(t[:, :, :S], (0, 0, 0, nb * Bk - S))
+              for t in (k, v))
+    q_prev = qbar[:, :, max(i0 - 1, 0):nb - 1]  # previous block's mean query
     if i0 == 0:  # block 0 has no previous block (and no candidates): a zero placeholder
         q_prev = torch.cat([q_prev.new_zeros(B, H, 1, D), q_prev], 2)
     nq = nb - i0
     sel, st, c = _select_in_chunks(q_prev, kbar, vbar, i0, scorer, correction=gates is not None)
     blocks = torch.arange(i0, nb, device=q.device)
-    forced = torch.stack([torch.where(blocks > 0, blocks - 1, -1), blocks], -1).expand(B, H, nq, 2)
-    idx = torch.cat([sel, forced], -1)  # slots: kept candidates, previous block, own block
-    bias = torch.cat([st, st.new_zeros(B, H, nq, 2)], -1)
+    forced = [torch.where(blocks > 0, blocks - 1, -1), blocks]  # previous block, own block
+    if scorer.first:  # and block 0, from block 2 on (before, it is the previous or own block)
+        forced.insert(0, torch.where(blocks >= 2, 0, -1))
+    forced = torch.stack(forced, -1).expand(B, H, nq, len(forced))
+    idx = torch.cat([sel, forced], -1)  # slots: kept candidates, then the forced blocks
+    bias = torch.cat([st, st.new_zeros(B, H, nq, forced.shape[-1])], -1)
     kernel = _kernel_for(q) if Bk >= 16 and Bk & (Bk - 1) == 0 and i0 == 0 else None
-    if kernel is not None:
-        o = kernel(q, k, v, idx, bias, Bk)
-    else:
-        o = as_block_sparse_attention_buckets(qp[:, :, i0 * Bk:] if i0 else qp, kp, vp, idx, bias, Bk, i0, work)
+    r0 = 0  # o's first row, counted from the start of block i0
+    if kernel is not None:  # i0 = 0: the queries from position 0 (zeros before q0), unpadded like k
+        o = kernel(F.pad(q, (0, 0, q0, 0)) if q0 else q, k[:, :, :S], v[:, :, :S], idx, bias, Bk)
+    elif nq == 1:  # all queries in one block (decode): only their rows, not the whole block
+        r0 = q0 - i0 * Bk
+        o = as_block_sparse_attention_buckets(q, kp, vp, idx, bias, Bk, i0, work, row0=r0)
+    else:  # whole query blocks i0..nb-1 (rows before q0: zeros, dropped)
+        qp = F.pad(q, (0, 0, q0 - i0 * Bk, pad))
+        o = as_block_sparse_attention_buckets(qp, kp, vp, idx, bias, Bk, i0, work)
     if q0 == 0 and pad == 0:  # the usual forward: rows are whole blocks, no slicing needed
         if gates is not None:  # every token of block i gets its block's correction, gated per token
-            g_sel, g_cmp = (g.view(B, H, nq, Bk, 1) for g in gates)
+            g_sel, g_cmp = (g.view(B, H, nq, Bk, 1) for g in gates[:2])
             o = o.view(B, H, nq, Bk, D) * g_sel + g_cmp * c.to(o.dtype).unsqueeze(3)
-        return o.view(B, H, S, D), sel, blocks
-    rows = slice(q0 - i0 * Bk, S - i0 * Bk)
-    o = o[:, :, rows]
-    if gates is not None:
-        o = gates[0] * o + gates[1] * c.to(o.dtype).repeat_interleave(Bk, dim=2)[:, :, rows]
+        o = o.view(B, H, S, D)
+    else:
+        o = o[:, :, q0 - i0 * Bk - r0:S - i0 * Bk - r0]
+        if gates is not None:
+            rows = slice(q0 - i0 * Bk, S - i0 * Bk)
+            o = gates[0] * o + gates[1] * c.to(o.dtype).repeat_interleave(Bk, dim=2)[:, :, rows]
+    if window:
+        o = o + gates[2] * window_attention(q, kp, vp, q0, S, Bk, window, work).to(o.dtype)
     return o, sel, blocks
 
 

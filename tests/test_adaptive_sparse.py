@@ -33,7 +33,8 @@ def reference(m, x):
     B, T, C = x.shape
     H, D, Bk = m.n_head, C // m.n_head, m.block
     q, k, v = (t.view(B, T, H, D) for t in m.c_attn(x).split(C, dim=2))
-    g = torch.sigmoid(m.gate(x)).view(B, T, 2, H) if m.gate is not None else None
+    g = torch.sigmoid(m.gate(x)).view(B, T, -1, H) if m.gate is not None else None
+    first, win_len = m.force_first, m.window
     nb = math.ceil(T / Bk)
     out = torch.zeros(B, T, H, D, dtype=x.dtype)
     mean = lambda t, j: t[j * Bk:(j + 1) * Bk].mean(0)
@@ -41,7 +42,7 @@ def reference(m, x):
         for h in range(H):
             qh, kh, vh = q[b, :, h], k[b, :, h], v[b, :, h]
             for i in range(nb):
-                cands, kept, corr = list(range(i - 1)), [], torch.zeros(D, dtype=x.dtype)
+                cands, kept, corr = list(range(first, i - 1)), [], torch.zeros(D, dtype=x.dtype)
                 if cands:
                     sq = mean(qh, i - 1) @ m.score_q[h] * m.score_log_temp[h].exp() / math.sqrt(D)
                     s = torch.stack([sq @ (mean(kh, j) @ m.score_k[h]) for j in cands])
@@ -59,12 +60,15 @@ def reference(m, x):
                     if m.gate is not None and dropped:  # null slot: logit 0, value 0
                         w = torch.cat([s.new_zeros(1), s[dropped]]).softmax(0)[1:]
                         corr = sum(w_r * mean(vh, cands[r]) for w_r, r in zip(w, dropped))
-                attend = kept + ([i - 1] if i > 0 else []) + [i]
+                attend = kept + ([0] if first and i >= 2 else []) + ([i - 1] if i > 0 else []) + [i]
                 for t in range(i * Bk, min(T, (i + 1) * Bk)):
                     keys = [s for j in attend for s in range(j * Bk, (j + 1) * Bk) if s <= t]
                     p = (kh[keys] @ qh[t] / math.sqrt(D)).softmax(0)
                     o = p @ vh[keys]
                     out[b, t, h] = o if g is None else g[b, t, 0, h] * o + g[b, t, 1, h] * corr
+                    if win_len:  # the sliding-window branch: its own softmax over t-w < s <= t, its own gate
+                        win = list(range(max(0, t - win_len + 1), t + 1))
+                        out[b, t, h] += g[b, t, 2, h] * (kh[win] @ qh[t] / math.sqrt(D)).softmax(0) @ vh[win]
     return m.c_proj(out.reshape(B, T, C))
 
 
@@ -174,7 +178,7 @@ def test_k_min_zero_is_the_plain_top_p_rule():
 
 
 @pytest.mark.parametrize("key,value", [("as_k_min", -1), ("as_k_max", -1), ("as_threshold", 0.0),
-                                       ("as_threshold", 1.5), ("as_block", 0), ("as_score_dim", 0)])
+                                       ("as_threshold", 1.5), ("as_block", 0), ("as_score_dim", 0), ("as_window", -1)])
 def test_meaningless_knobs_are_a_value_error(key, value):
     with pytest.raises(ValueError, match=f"^{key} out of range"):
         block(**{key: value})
@@ -321,16 +325,66 @@ def test_gradcheck(monkeypatch):
     assert torch.autograd.gradcheck(m, (x,), fast_mode=True)
 
 
-def test_decode_matches_forward_and_cached_generation():
-    m = block(as_block=4, as_k_max=2, as_threshold=0.7).double()
-    m.select_min_blocks = 3
-    x = torch.randn(2, 45, 32, dtype=torch.float64)
-    full = m(x)
+def decode_in_pieces(m, x, cuts, monkeypatch=None):
+    """m.decode over x cut at the positions `cuts`; returns the outputs and the tokens whose block
+    means were computed (summed over q, k, v calls of block_means)."""
+    averaged = [0]
+    if monkeypatch is not None:
+        real = AS.block_means
+
+        def counting(t, Bk):
+            averaged[0] += t.shape[2] // Bk * Bk
+            return real(t, Bk)
+        monkeypatch.setattr("model.block_means", counting)
     outs, state = [], None
-    for a, b in [(0, 10), (10, 11), (11, 12), (12, 30), (30, 31), (31, 45)]:  # prefill, single steps, chunks
+    bounds = [0] + list(cuts) + [x.shape[1]]
+    for a, b in zip(bounds[:-1], bounds[1:]):
         o, state = m.decode(x[:, a:b], state)
         outs.append(o)
-    assert rel_err(torch.cat(outs, 1), full) < 1e-12
+    return torch.cat(outs, 1), state, averaged[0]
+
+
+@pytest.mark.parametrize("Bk,cuts", [(4, (10, 11, 12, 30, 31)),  # prefill, single steps, chunks
+                                     (4, (10,) + tuple(range(11, 45))),  # prompt of 10, then 35 single tokens
+                                     (3, tuple(range(1, 45))),  # token by token from the first
+                                     (5, (7, 8, 9, 33) + tuple(range(34, 45)))])
+def test_decode_matches_forward_and_keeps_means_incrementally(Bk, cuts, monkeypatch):
+    """Decode equals the forward for prompts that end inside a block and single tokens that
+    complete several blocks; each complete block's mean is computed once (3 x the tokens of the
+    complete blocks in all, not once per token), and the state's means are the forward's."""
+    m = block(as_block=Bk, as_k_max=2, as_threshold=0.7).double()
+    m.select_min_blocks = 3
+    torch.nn.init.normal_(m.score_q, std=1.0)  # peaky scores, so the threshold decides
+    x = torch.randn(2, 45, 32, dtype=torch.float64)
+    full = m(x)
+    out, state, averaged = decode_in_pieces(m, x, cuts, monkeypatch)
+    assert rel_err(out, full) < 1e-12
+    assert averaged == 3 * (45 // Bk * Bk)
+    q, k, v = m._heads(x)
+    assert rel_err(state["buf"]["k"][:, :, :45], k) < 1e-12 and not state["buf"]["k"][:, :, 45:].any()
+    for got, t in zip(state["means"], (q, k, v)):
+        assert rel_err(got, AS.block_means(t, Bk)) < 1e-12
+    assert state["q_part"].shape[2] == 45 % Bk
+
+
+
+def test_decode_branches_from_an_old_state():
+    """The cache is written in place; decoding twice from the same state (two continuations of
+    one prompt) must still give each continuation its own cache."""
+    m = block(as_block=4, as_k_max=2, as_threshold=0.7).double()
+    x, y = (torch.randn(1, 30, 32, dtype=torch.float64) for _ in range(2))
+    y[:, :13] = x[:, :13]
+    _, state = m.decode(x[:, :13], None)
+    outs = {}
+    for name, z in (("x", x), ("y", y), ("x2", x)):
+        o, s = m.decode(z[:, 13:20], state)
+        o2, _ = m.decode(z[:, 20:], s)
+        outs[name] = torch.cat([o, o2], 1)
+    assert rel_err(outs["x"], m(x)[:, 13:]) < 1e-12 and rel_err(outs["y"], m(y)[:, 13:]) < 1e-12
+    assert rel_err(outs["x2"], outs["x"]) < 1e-12
+
+
+def test_decode_cached_generation():
     g = tiny_gpt().eval()
     idx = torch.randint(0, 40, (2, 5))
     # 70 new tokens run past block_size=64: the context is cropped and the cache rebuilt
@@ -372,6 +426,10 @@ def test_bucketed_path_matches_slot_path(B, H, nq, D, Bk, n_sel, i0):
     for name, a, b in zip(("o", "dq", "dk", "dv", "dbias"), got, want):
         assert rel_err(a, b) < 1e-12, name
     assert work["tiles"] == (idx >= 0).sum().item()  # exactly the listed tiles, no empty slot
+    if nq - i0 == 1:  # one query block: any run of its rows alone gives those rows of the whole block
+        for r0, r1 in ((0, 1), (1, Bk), (Bk - 1, Bk)):
+            part = AS.as_block_sparse_attention_buckets(q[:, :, r0:r1], k, v, idx, bias, Bk, i0, row0=r0)
+            assert rel_err(part, o[:, :, r0:r1]) < 1e-12
 
 
 def test_work_follows_the_kept_blocks_not_k_max():
@@ -479,3 +537,91 @@ def test_compile_cases_cover_every_kernel():
     from kernels import adaptive_sparse as ks
     kernels = {v for n, v in vars(ks).items() if n.endswith("_kernel")}
     assert len(kernels) == 3 and kernels == {case[1] for case in ks.COMPILE_CASES}
+
+
+# ----------------------------------------------------------------------------- NSA options
+
+OPTION_CASES = [(37, dict(as_block=4, as_window=5), 64),  # window not a multiple of the block
+                (37, dict(as_block=4, as_window=1), 3),  # the own token only
+                (40, dict(as_block=4, as_window=9, as_k_max=3), 3),
+                (29, dict(as_block=3, as_force_first=True, as_k_min=2), 2),
+                (37, dict(as_block=4, as_force_first=True, as_k_max=0), 64),  # k_max 0: only forced blocks
+                (41, dict(as_block=4, as_force_first=True, as_window=6), 3)]
+
+
+@pytest.mark.parametrize("T,kw,chunk", OPTION_CASES)
+def test_options_match_loop_reference(T, kw, chunk):
+    """as_window (a gated third branch) and as_force_first (block 0 added to every selected set)
+    against the loop reference, a masked softmax per token: outputs and input gradients."""
+    kw = dict(dict(as_k_max=2, as_threshold=0.6), **kw)
+    m = block(**kw).double()
+    m.select_min_blocks = chunk
+    torch.nn.init.normal_(m.score_q, std=1.0)
+    torch.nn.init.normal_(m.score_log_temp, std=0.3)
+    x = torch.randn(2, T, 32, dtype=torch.float64, requires_grad=True)
+    y, y_ref = m(x), reference(m, x)
+    assert rel_err(y, y_ref) < 1e-10
+    # gradients: without the straight-through term (value 0, a gradient the reference has not)
+    scorer = m.scorer
+    m.scorer = lambda: scorer()._replace(straight_through=False)
+    y = m(x)
+    dy = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, dy)
+    assert rel_err(gx, gx_ref) < 1e-9
+    if kw.get("as_window"):
+        assert m.gate.out_features == 3 * m.n_head and "gate_win" in m.extra_metrics()
+    if kw.get("as_force_first"):  # block 0 never listed as a scored candidate, attended from block 2
+        assert not (m.last_selected == 0).any()
+        # work_stats counts block 0 as attended: the causal pairs on a T x T mask
+        blk, Bk = torch.arange(T) // m.block, m.block
+        pairs = 0
+        for b in range(2):
+            for h in range(m.n_head):
+                attended = torch.zeros(len(range(0, T, Bk)), len(range(0, T, Bk)), dtype=torch.bool)
+                for i in range(attended.shape[0]):
+                    for j in [s for s in m.last_selected[b, h, i].tolist() if s >= 0] + [0, i - 1, i]:
+                        attended[i, j] |= j >= 0  # kept, block 0, previous, own
+                pairs += (attended[blk][:, blk] & torch.ones(T, T, dtype=torch.bool).tril()).sum().item()
+        assert math.isclose(m.work_stats()["frac_pairs"], pairs / (2 * m.n_head) / (T * (T + 1) / 2), rel_tol=1e-12)
+        stats = m.attention_stats()  # candidates exclude block 0: at most i - 2 kept in block i
+        assert stats["as/kept_max"] <= max(0, min(m.k_max, len(range(0, T, Bk)) - 3))
+
+
+def test_options_change_the_output():
+    """Each option really acts (a reference that ignored it would be caught above; this checks the
+    module too): the same weights with the option off give a different output."""
+    x = torch.randn(1, 40, 32)
+    base = block(as_block=4, as_k_max=1, as_threshold=0.3)
+    for kw in (dict(as_force_first=True), dict(as_window=6)):
+        m = block(as_block=4, as_k_max=1, as_threshold=0.3, **kw)
+        sd = {k: v for k, v in base.state_dict().items() if not k.startswith("gate")}
+        m.load_state_dict(sd, strict=False)
+        assert rel_err(m(x), base(x)) > 1e-3, kw
+
+
+def test_causality_through_gpt_with_every_option():
+    m = tiny_gpt(as_window=6, as_force_first=True).eval()
+    idx = torch.randint(0, 40, (3, 64))
+    m(idx, idx)
+    assert_causal(m, idx, (0, 9, 23, 24, 50), vocab_size=40, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(as_window=6), dict(as_force_first=True), dict(as_window=5, as_force_first=True)])
+def test_decode_matches_forward_with_options(kw, monkeypatch):
+    m = block(as_block=4, as_k_max=2, as_threshold=0.7, **kw).double()
+    m.select_min_blocks = 3
+    torch.nn.init.normal_(m.score_q, std=1.0)
+    x = torch.randn(2, 45, 32, dtype=torch.float64)
+    out, _, averaged = decode_in_pieces(m, x, (10,) + tuple(range(11, 30)) + (37,), monkeypatch)
+    assert rel_err(out, m(x)) < 1e-12
+    assert averaged == 3 * 44
+    g = tiny_gpt(**kw).eval()
+    idx = torch.randint(0, 40, (2, 5))
+    assert torch.equal(g.generate(idx, 40, temperature=0, use_cache=True),
+                       g.generate(idx, 40, temperature=0, use_cache=False))
+
+
+def test_window_with_dense_equivalent_is_a_value_error():
+    with pytest.raises(ValueError, match="as_window"):
+        block(as_dense_equivalent=True, as_window=8)

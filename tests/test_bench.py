@@ -12,7 +12,9 @@ import pytest
 
 import bench
 from conftest import ROOT
-from model import ATTENTION
+import torch
+
+from model import ATTENTION, GPT
 
 README = "# title\n\nintro\n\n<!-- BEGIN bench_block -->\nold block table\n<!-- END bench_block -->\n\nmiddle\n\n" \
          "<!-- BEGIN bench_model -->\nold model table\n<!-- END bench_model -->\n\nend\n"
@@ -184,3 +186,53 @@ def test_bad_flag_from_the_shell_has_no_traceback():
     r = run_bench(["--attention=nope"], timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "valid: dense" in r.stderr
+
+
+def causal_pairs_attended(m, T):
+    """Fraction of the causal (query, key) pairs the selected-block branch attended, counted on a
+    T x T mask built from the module's last selection (tiny T only)."""
+    sel, Bk = m.last_selected, m.block
+    B, H, nb, _ = sel.shape
+    blk = torch.arange(T) // Bk
+    total = 0
+    for b in range(B):
+        for h in range(H):
+            allowed = torch.zeros(nb, nb, dtype=torch.bool)
+            for i in range(nb):
+                for j in [s for s in sel[b, h, i].tolist() if s >= 0] + [i - 1, i]:
+                    if j >= 0:
+                        allowed[i, j] = True
+            mask = allowed[blk][:, blk] & torch.ones(T, T, dtype=torch.bool).tril()
+            total += mask.sum().item()
+    return total / (B * H) / (T * (T + 1) / 2), sel.ge(0).sum(-1).double().mean().item()
+
+
+@pytest.mark.parametrize("what", ["block", "model"])
+def test_adaptive_sparse_rows_report_kept_blocks_and_pairs(what, tmp_path):
+    """The adaptive-sparse row carries the timed forward's kept blocks per query block and the
+    fraction of causal pairs attended (equal to a count on the T x T mask); other rows carry none."""
+    T = 75  # not a multiple of the block: a partial last block
+    rows = bench.run(["dense", "adaptive-sparse"], what, [T], repeats=1, warmup=0, measure_mem=False,
+                     log=lambda msg: None)
+    by = {r["attention"]: r for r in rows}
+    assert by["dense"]["kept_per_block"] is None and by["dense"]["frac_pairs"] is None
+    r = by["adaptive-sparse"]
+    # rebuild the timed case and run its forward once more: the same seed, so the same selection
+    torch.manual_seed(bench.seed)
+    cfg = bench.bench_config("adaptive-sparse", what, T, bench.config_knobs("adaptive-sparse"))
+    if what == "block":
+        m = ATTENTION["adaptive-sparse"](cfg).train()
+        m(torch.randn(1, T, cfg.n_embd))
+        mods = [m]
+    else:
+        g = GPT(cfg).train()
+        idx = torch.randint(0, cfg.vocab_size, (1, T))
+        g(idx, torch.randint(0, cfg.vocab_size, (1, T)))
+        mods = [b.attn for b in g.transformer.h]
+    want = [causal_pairs_attended(m, T) for m in mods]
+    assert math.isclose(r["frac_pairs"], sum(w[0] for w in want) / len(want), rel_tol=1e-9)
+    assert math.isclose(r["kept_per_block"], sum(w[1] for w in want) / len(want), rel_tol=1e-9)
+    assert 0 < r["frac_pairs"] < 1 and r["kept_per_block"] > 0
+    md = bench.markdown_tables(rows)
+    assert f"kept {r['kept_per_block']:.1f}/qblk, {100 * r['frac_pairs']:.1f}% pairs" in md
+    assert "| dense | " + bench._num(by["dense"]["ms"]) + " (1.00x) |" in md
