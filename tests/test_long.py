@@ -15,6 +15,7 @@ import train
 from conftest import ROOT, run
 
 LONG = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.startswith("long_"))
+BLOCKS = [f for f in LONG if f != "long_nsa.py"]  # one per block; long_nsa.py is adaptive-sparse with options
 
 
 def load(name, *flags):
@@ -23,7 +24,7 @@ def load(name, *flags):
 
 
 def test_long_configs_share_shape_and_schedule():
-    assert len(LONG) == 5
+    assert len(BLOCKS) == 5 and "long_nsa.py" in LONG
     shared = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters", "learning_rate", "eval_tokens",
               "dataset", "warmup_iters", "lr_decay_iters", "dropout")
     base = load("long_dense.py")
@@ -31,7 +32,9 @@ def test_long_configs_share_shape_and_schedule():
     for f in LONG:
         cfg = load(f)
         assert {k: cfg[k] for k in shared} == {k: base[k] for k in shared}, f
-    assert len({load(f)["attention"] for f in LONG}) == 5
+    assert len({load(f)["attention"] for f in BLOCKS}) == 5
+    nsa = load("long_nsa.py")
+    assert nsa["attention"] == "adaptive-sparse" and nsa["as_window"] > 0 and nsa["as_force_first"]
     vq = load("long_vq.py")
     assert vq["block_size"] // vq["vq_block_len"] >= 8  # the cache acts: at least 8 blocks
     assert load("long_adaptive_sparse.py")["as_k_max"] * 4 >= 4096 // load("long_adaptive_sparse.py")["as_block"]
@@ -62,7 +65,7 @@ def test_long_config_trains_two_iterations_reduced(f, tiny_data):
 def test_compare_long_preset_arms():
     arms = compare.runs_for({"preset": "long", "scale": "cpu", "attentions": "all"})
     files = {c for _, c, _ in arms}
-    assert files == {f"config/{f}" for f in LONG}
+    assert files == {f"config/{f}" for f in BLOCKS}
     names = [n for n, _, _ in arms]
     assert "dense-gau" in names and len(names) == 6
 
