@@ -163,6 +163,7 @@ def make_case(name, what, T, device="cpu", dtype_name="auto"):
         loss_fn = lambda: module(idx, targets)[1]  # noqa: E731
     leaves += [p for p in module.parameters() if p.requires_grad]
     ctx, dtype_name = autocast_context(torch.device(device).type, dtype_name)
+    commits = [m for m in module.modules() if hasattr(m, "commit_codebook_update")]
 
     def step():
         for t in leaves:
@@ -170,6 +171,8 @@ def make_case(name, what, T, device="cpu", dtype_name="auto"):
         with ctx:
             loss = loss_fn()
         loss.backward()
+        for m in commits:  # part of a training step: vq's EMA codebook update
+            m.commit_codebook_update()
 
     # blocks that report the work of their last forward (adaptive-sparse: kept blocks, pairs attended)
     workers = [m for m in module.modules() if hasattr(m, "work_stats")]

@@ -53,38 +53,43 @@ def collect(model, idx, batch):
     return torch.cat(out, dim=1)
 
 
-def summarize(kept, k_max, block, T):
-    """Per (layer, head) statistics over query blocks 2.. (blocks 0 and 1 have no candidates)."""
+def summarize(kept, k_max, block, T, force_first=0):
+    """Per (layer, head) statistics over the query blocks that have candidates (blocks 2.., or 3..
+    with a forced first block). read_fraction: the share of the causal (query, key) pairs the
+    selected-block branch reads exactly (kept, forced first and previous blocks in full, the own
+    block causally), as AdaptiveSparseAttention.work_stats counts it; a window branch is not counted."""
     L, N, H, nb = kept.shape
-    n_cand = (torch.arange(nb) - 1).clamp(min=0)
+    i = torch.arange(nb)
+    n_cand = (i - 1 - force_first).clamp(min=0)
     has = n_cand > 0
-    k, c = kept[..., has].float(), n_cand[has].float()
-    at_cap = (k == k_max) & (c > k_max)
-    # keys read exactly per query block: its kept blocks plus the previous and its own block
-    read = ((k + torch.minimum(torch.arange(nb)[has].float() + 1, torch.tensor(2.0))) * block).clamp(max=T)
-    rows = []
+    k, c = kept[..., has].double(), n_cand[has].double()
+    at_cap = (k == k_max) & (c > k_max) if k_max is not None else torch.zeros_like(k, dtype=torch.bool)
+    rows = (T - i * block).clamp(max=block).double()  # query rows of block i (the last may be partial)
+    full = kept.double() + (i > 0).double() + (i >= 2).double() * force_first
+    pairs = (full * block * rows + rows * (rows + 1) / 2).sum(-1)  # (L, N, H)
+    frac = pairs / (T * (T + 1) / 2)
+    out = []
     for layer in range(L):
         for h in range(H):
             kk = k[layer, :, h]
-            per_window = kk.mean(-1)
-            pos = (torch.arange(nb)[has].float() + 1) * block  # causal keys of a query block's last row
-            rows.append(dict(layer=layer, head=h, kept_mean=kk.mean().item(), kept_min=kk.min().item(),
-                             kept_max=kk.max().item(), at_cap=at_cap[layer, :, h].float().mean().item(),
-                             window_mean_std=per_window.std().item() if N > 1 else 0.0,
-                             read_fraction=(read[layer, :, h] / pos).mean().item()))
-    return rows
+            out.append(dict(layer=layer, head=h, kept_mean=kk.mean().item(), kept_min=kk.min().item(),
+                            kept_max=kk.max().item(), at_cap=at_cap[layer, :, h].double().mean().item(),
+                            window_mean_std=kk.mean(-1).std().item() if N > 1 else 0.0,
+                            read_fraction=frac[layer, :, h].mean().item()))
+    return out
 
 
-def plot(kept, k_max, path):
+def plot(kept, k_max, path, force_first=0):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     L, _, H, nb = kept.shape
+    has = (torch.arange(nb) - 1 - force_first) > 0  # query blocks with candidates
     fig, axes = plt.subplots(1, L, figsize=(4.5 * L, 3.5), squeeze=False)
     bins = np.arange(0, (k_max if k_max is not None else nb) + 2) - 0.5
     for layer, ax in enumerate(axes[0]):
         for h in range(H):
-            x = kept[layer, :, h, 2:].flatten().numpy()
+            x = kept[layer, :, h][..., has].flatten().numpy()
             ax.hist(x, bins=bins, histtype="step", label=f"head {h}", density=True)
         ax.set(title=f"layer {layer}", xlabel="kept blocks per query block", ylabel="share")
         ax.legend(fontsize=7)
@@ -113,11 +118,11 @@ def main(argv):
     idx = torch.from_numpy(np.stack([data[s:s + T] for s in starts]).astype(np.int64)).to(o["device"])
     kept = collect(model, idx, o["batch"]).cpu()
     a = model.transformer.h[0].attn
-    rows = summarize(kept, a.k_max, a.block, T)
+    rows = summarize(kept, a.k_max, a.block, T, a.force_first)
     report = o["report_dir"] or o["out_dir"]
     os.makedirs(report, exist_ok=True)
     head = (f"Kept blocks per query block of `{o['out_dir']}` (T={T}, blocks of {a.block}, k_max {a.k_max}, "
-            f"threshold {model.config.as_threshold}), over {len(idx)} validation windows; "
+            f"threshold {model.config.as_threshold}, forced first block {bool(a.force_first)}, window {a.window}), over {len(idx)} validation windows; "
             f"command: `python kept_blocks.py {' '.join(argv)}`")
     cols = ["layer", "head", "kept_mean", "kept_min", "kept_max", "at_cap", "window_mean_std", "read_fraction"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
@@ -128,7 +133,7 @@ def main(argv):
                                "a query block's causal keys read exactly (kept + previous + own block).\n")
     configurator.write_atomic(os.path.join(report, "kept_blocks.md"), text)
     configurator.write_atomic(os.path.join(report, "kept_blocks.json"), json.dumps(rows, indent=1))
-    plot(kept, a.k_max, os.path.join(report, "kept_blocks.png"))
+    plot(kept, a.k_max, os.path.join(report, "kept_blocks.png"), a.force_first)
     print(text)
 
 

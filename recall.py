@@ -139,6 +139,7 @@ def train_one(name, T_, o, test_sets):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        model.commit_codebook_updates()  # vq's EMA codebook moves once per optimizer step
         losses.append(loss.item())
     seconds = time.perf_counter() - t0
     rows = []
@@ -189,6 +190,8 @@ def main(argv):
                     raise ValueError(f"pair count {n} needs 1 <= n <= n_keys ({o['n_keys']}) and 4 n <= T")
             if not [n for n in train_mix if 4 * n <= T_]:
                 raise ValueError(f"no training pair count fits T={T_} (4 * pairs <= T)")
+            if not [n for n in tests if 4 * n <= T_]:
+                raise ValueError(f"no test pair count fits T={T_} (4 * pairs <= T)")
     except (configurator.ConfigError, ValueError) as e:
         configurator.fail(str(e))
     if o["threads"]:

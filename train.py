@@ -171,11 +171,11 @@ def init_wandb(cfg, master):
 
 def log_wandb(run, rows, say):
     """Send the pending rows; returns the (empty) pending list. A failure only warns."""
-    try:
-        for row in rows:
+    for row in rows:
+        try:
             run.log(row, step=row["iter"])
-    except Exception as e:  # noqa: BLE001
-        say(f"warning: wandb log failed: {e}")
+        except Exception as e:  # noqa: BLE001
+            say(f"warning: wandb log failed at iteration {row['iter']}: {e}")
     return []
 
 
@@ -378,8 +378,9 @@ def main(argv):
         + (f"; the global batch of batch_size {cfg['batch_size']} x {cfg['gradient_accumulation_steps']} accum "
            f"is split over the ranks)" if ddp else ")"))
     resumed = {"iter": iter_num, "changed": changed} if cfg["init_from"] == "resume" else None
-    # wandb starts only after the memory peak is taken (the first evaluation and MEMORY_STEPS training
-    # steps: every later step and evaluation allocates the same), so the peak is the same with and without it
+    # wandb starts only after the CPU memory peak is taken (the first evaluation and MEMORY_STEPS training
+    # steps: later steps and evaluations allocate the same, except for blocks whose work depends on the data,
+    # such as adaptive-sparse's kept blocks), so the peak is the same with and without it
     wandb_cfg, wandb_run, wandb_rows = {**cfg, "data_source": meta.get("source"), "resumed": resumed}, None, []
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     if master:
@@ -416,7 +417,7 @@ def main(argv):
                 row["train/aux_loss"] = train_aux.item()
             row.update(attn_stats)
             ms = float(np.median(step_ms)) if step_ms else None
-            if not mem_frozen:
+            if not mem_frozen or device_type == "cuda":  # wandb never touches the CUDA allocator: stay live
                 mem_key, mem = peak_memory(device_type)
             last_ms = ms or last_ms
             row.update({"ms_per_iter": ms, "tokens_per_sec": tokens_per_iter / (ms / 1000) if ms else None,
@@ -431,9 +432,10 @@ def main(argv):
                     + (f", {ms:.1f} ms/iter" if ms else "") + f", {mem_key} {mem:.0f}")
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                wandb_rows.append(row)
                 if wandb_run is not None:
-                    wandb_rows = log_wandb(wandb_run, wandb_rows, say)
+                    log_wandb(wandb_run, [row], say)
+                elif cfg["wandb_log"] and not mem_frozen:  # held until wandb starts
+                    wandb_rows.append(row)
                 if row["val/loss"] < best_val_loss or cfg["always_save_checkpoint"]:
                     best_val_loss = min(best_val_loss, row["val/loss"])
                     if iter_num > 0 and not cfg["eval_only"]:

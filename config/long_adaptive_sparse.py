@@ -1,4 +1,4 @@
-# the long-context setting (see config/long_dense.py) with adaptive-sparse attention: 64 blocks of 64 at T=4096
+# the long-context setting (see config/long_dense.py) with adaptive-sparse attention: 64 blocks of 64 at T=4096 (CPU scale)
 # (NSA's selection block); a query block keeps the fewest blocks whose scorer mass reaches p = 0.9, at least 1
 # and at most 16 (a quarter of the longest causal row), plus the pooled correction over the dropped ones.
 # Blocks of 64 with k_max 16 read the same keys as 32 with 32 and ran 1.45x faster (full model, T=4096)

@@ -1,4 +1,4 @@
-# the long-context setting (compare.py --preset=long): dense causal attention (SDPA) at T=4096, the baseline
+# the long-context setting (compare.py --preset=long): dense causal attention (SDPA) at T=4096 (CPU scale; 8192 at the gpu scale), the baseline
 # whose cost grows with T^2. Every config/long_*.py shares the model shape and schedule below; only the
 # block and its knobs differ, and bench.py --config=long times each block at exactly these knobs.
 dataset = 'shakespeare_char'

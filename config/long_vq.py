@@ -1,4 +1,4 @@
-# the long-context setting (see config/long_dense.py) with Transformer-VQ: 64 blocks of L=64 at T=4096, so
+# the long-context setting (see config/long_dense.py) with Transformer-VQ: 64 blocks of L=64 at T=4096 (CPU scale), so
 # almost every query reads the compressive cache of S=128 codes
 import os; exec(open(os.path.join(os.path.dirname(__file__), 'long_dense.py')).read())
 out_dir = 'out-long-vq'

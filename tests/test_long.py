@@ -148,6 +148,46 @@ def test_kept_blocks_report_on_a_trained_checkpoint(tiny_data):
     for row in rows:
         assert 1 <= row["kept_min"] <= row["kept_mean"] <= row["kept_max"] <= 4 and 0 <= row["at_cap"] <= 1
         assert 0 < row["read_fraction"] <= 1
-    dense = tiny_data / "o-long_dense.py"  # trained by the test above: not an adaptive-sparse model
+    dense = tiny_data / "o-dense-kept"
+    r = run(["-m", "train", os.path.join(ROOT, "config", "long_dense.py"), "--dataset=tiny", "--block_size=64",
+             "--n_layer=1", "--max_iters=2", "--eval_interval=2", "--eval_tokens=256", "--always_save_checkpoint=True",
+             f"--out_dir={dense}"], cwd=tiny_data, timeout=300)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
     r = run(["kept_blocks.py", f"--out_dir={dense}", f"--data_dir={tiny_data / 'data'}"])
     assert r.returncode == 2 and "reads adaptive-sparse" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("force_first", [False, True])
+def test_kept_blocks_read_fraction_is_the_blocks_own_count(force_first):
+    import torch
+    import kept_blocks
+    from model import ATTENTION, GPTConfig
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_embd=32, n_head=2, block_size=200, attention="adaptive-sparse", as_block=16, as_k_max=3,
+                    as_force_first=force_first)
+    attn = ATTENTION["adaptive-sparse"](cfg).eval()
+    with torch.no_grad():
+        attn(torch.randn(3, 200, 32))
+    rows = kept_blocks.summarize(attn.last_kept[None].cpu(), attn.k_max, attn.block, 200, attn.force_first)
+    own = attn.work_stats()["frac_pairs"]
+    assert abs(np.mean([r["read_fraction"] for r in rows]) - own) < 1e-9
+    assert all(1 <= r["kept_min"] <= r["kept_max"] <= 3 for r in rows)  # k_min 1: every block with candidates keeps one
+
+
+def test_recall_trains_the_vq_codebook(monkeypatch):
+    import torch
+    o = {**recall.DEFAULTS, "iters": 2, "tokens_per_iter": 64, "n_layer": 1, "warmup_iters": 1, "train_pairs": "2"}
+    x, y = recall.mqar_batch(np.random.default_rng(0), 4, 32, 2, o["n_keys"], o["n_values"])
+    seen = []
+    real = recall.GPT
+
+    def spy(cfg):
+        seen.append(real(cfg))
+        return seen[-1]
+    monkeypatch.setattr(recall, "GPT", spy)
+    before = None
+    torch.manual_seed(o["seed"])
+    before = real(recall.model_config("vq", 32, o)).transformer.h[0].attn.units[0].codebook().clone()
+    recall.train_one("vq", 32, o, {2: (x, y)})
+    after = seen[0].transformer.h[0].attn.units[0].codebook()
+    assert not torch.allclose(before, after)
