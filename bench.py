@@ -106,8 +106,7 @@ def _config_values(name, family=None):
     path = config_path(name, family)
     if not os.path.exists(path):
         return {}
-    ns = {"__file__": os.path.abspath(path)}
-    exec(compile(open(path).read(), path, "exec"), ns)
+    ns = configurator.exec_config(path)
     allowed = {f.name for f in fields(GPTConfig)}
     vals = {k: v for k, v in ns.items() if k in allowed}
     vals.update({k: v for k, v in ns.get("scales", {}).get("cpu", {}).items() if k in allowed})

@@ -80,6 +80,13 @@ def help_if_asked(argv, defaults, doc=None):
         sys.exit(0)
 
 
+def exec_config(path):
+    """The names a config file defines. __file__ is set, so a config can build on another next to it."""
+    ns = {"__file__": os.path.abspath(path)}
+    exec(compile(open(path).read(), path, "exec"), ns)
+    return ns
+
+
 def load(argv, defaults, choose_scale=None):
     """Returns (config dict, list of messages to print). `defaults` maps every allowed key
     to its default value; its types are enforced. choose_scale() -> (scale, reason).
@@ -92,9 +99,8 @@ def load(argv, defaults, choose_scale=None):
     for path in files:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
-        ns = {"__file__": os.path.abspath(path)}  # so a config can build on another next to it
         try:
-            exec(compile(open(path).read(), path, "exec"), ns)
+            ns = exec_config(path)
         except Exception as e:  # a config file that does not run is a config error
             raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None
         for k, v in ns.items():

@@ -114,8 +114,8 @@ def gpu_knobs(name, scale):
     path = os.path.join(ROOT, "config", f"long_{base}.py")
     if not os.path.exists(path):
         path = os.path.join(ROOT, "config", f"shakespeare_{base}.py")
-    ns = {}
-    exec(compile(open(path).read(), path, "exec"), ns)
+    import configurator
+    ns = configurator.exec_config(path)
     allowed = {f.name for f in fields(GPTConfig)} - SHAPE_KEYS
     knobs = {k: v for k, v in ns.items() if k in allowed}
     knobs.update({k: v for k, v in ns.get("scales", {}).get(scale, {}).items() if k in allowed})
