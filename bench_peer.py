@@ -131,7 +131,7 @@ def build_ours(cfg):
                      vq_block_len=cfg["L"], vq_codebook_size=cfg["S"], vq_n_head=1, dropout=0.0,
                      vq_beta=cfg["beta"], attention="vq")
     unit = VQGatedUnit(conf)
-    assert unit.dv == cfg["d_v"], "d_v must be a multiple of d_model / 1000 or so (vq_d_v_mult)"
+    assert unit.dv == cfg["d_v"], "d_v = round(vq_d_v_mult * d_model) did not come back"
     with torch.no_grad():  # move the zero/one initialisations so the comparison sees them
         unit.ln_w.mul_(1 + 0.1 * torch.randn_like(unit.ln_w))
         unit.xl_u.normal_(0, 0.5)
@@ -241,7 +241,6 @@ def _rel(a, b):
 
 def check(cfg, Tn):
     """Relative errors ours vs theirs at length Tn: {name: rel error}."""
-    import numpy as np
     import torch
     unit = build_ours(cfg)
     unit.train()
