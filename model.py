@@ -209,7 +209,7 @@ ATTENTION["dense"] = DenseAttention
 # in forward or backward. kernels/vq.py computes it block by block in Triton on CUDA (a query
 # scores 2L window keys and S codes; a cache per block, memory O(T d + (T/L) S d_v)) and chunk by
 # chunk in PyTorch elsewhere (chunks of about S / L blocks, a cache per chunk).
-# Without autograd in eval mode (evaluation, prefill) the CPU path streams: one chunk at a time is
+# Without autograd in eval mode (evaluation, and decode's prefill) the CPU path streams: one chunk at a time is
 # projected, quantized and attended, carrying the block before it and the cache (N and value sums
 # per code), so its memory beyond x and y is O(C (L + C + S + d) + S d_v), independent of T.
 # Decode: O(1) state per layer (the current and previous block, N and the value sums per
@@ -374,11 +374,12 @@ class VQGatedUnit(nn.Module):
         return self._out(o, g)
 
     @torch.no_grad()
-    def _stream(self, x):
+    def _stream(self, x, keep_state=False):
         """The forward without autograd, chunk by chunk (chunks of max(1, S // L) blocks, as the CPU
         path's): project, quantize and attend one chunk at a time, carrying the block before it and the
         cache counts and value sums. Extra memory O(C (L + C + S + d) + S d_v), independent of T.
-        Same result, last_counts and last_commit as the training forward."""
+        Same result, last_counts and last_commit as the training forward. keep_state: also return
+        decode's state after x (the prefill)."""
         B, T, _ = x.shape
         H, L, S = self.H, self.L, self.S
         C = max(1, S // L) * L
@@ -407,7 +408,15 @@ class VQGatedUnit(nn.Module):
                 prev = (k_hat[:, :, C - L:], v[:, :, C - L:], z[:, :, C - L:])
         self.last_commit = self.beta * commit / (B * T)
         self.aux_loss = None
-        return y
+        if not keep_state:
+            return y
+        # decode's window starts at w0; the kept keys (block before the last chunk, the last chunk) start at p0
+        pk, pv, pz = prev if prev is not None else (k_hat[:, :, :0], v[:, :, :0], z[:, :, :0])
+        p0, w0 = s0 - pk.shape[2], max(0, (T // L - 1) * L)
+        wk, wv, wz = torch.cat([pk, k_hat], 2), torch.cat([pv, v], 2), torch.cat([pz, z], 2)
+        cut = w0 - p0  # the kept positions before the window enter the cache
+        vq_cache_fold(counts, sums, wz[:, :, :cut], wv[:, :, :cut])
+        return y, dict(pos=T, w0=w0, k=wk[:, :, cut:], v=wv[:, :, cut:], z=wz[:, :, cut:], N=counts, U=sums)
 
     # ---- decoding: the window (previous + current block) and per-code counts / value sums
     @torch.no_grad()
@@ -422,6 +431,8 @@ class VQGatedUnit(nn.Module):
             bias = self._window_bias(q, self._rel(x.device))
             o = gau_dense_attention(self._content_q(q), k, v, self.L, bias)
             return self._out(o, g), dict(k=k, v=v)
+        if state is None and not (x.is_cuda and HAS_TRITON):  # prefill, streamed: memory independent of T
+            return self._stream(x, keep_state=True)
         if state is None:  # prefill: one full forward, then keep what later tokens need
             q, k, v, g = self._project(x)
             z, k_hat, _ = self.quantize(k)

@@ -552,6 +552,26 @@ def test_decode_state_equals_full_forward(kw):
             assert unit_state["k"].shape[2] == t + 1
 
 
+@pytest.mark.parametrize("P", [1, 3, 4, 8, 9, 13, 16, 21])
+def test_streamed_prefill_then_decode_equals_full_forward(P):
+    """The prefill streams chunks of 8 positions (L = 4, S = 8); prompts of 1..21 tokens (whole and
+    partial chunks and blocks), then token-by-token decoding to 26; float64, against the autograd forward."""
+    unit = _stream_unit(vq_n_head=2, vq_block_len=4, vq_codebook_size=8)
+    x = torch.randn(2, 26, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(P))
+    full = unit(x.requires_grad_(True)).detach()
+    x = x.detach()
+    calls = []
+    stream = unit._stream
+    unit._stream = lambda x_, keep_state=False: calls.append(x_.shape[1]) or stream(x_, keep_state)
+    y, state = unit.decode(x[:, :P], None)
+    assert calls == [P] and rel_err(y, full[:, :P]) < 1e-12
+    assert state["w0"] == max(0, (P // 4 - 1) * 4) and state["k"].shape[2] == P - state["w0"] <= 8
+    assert state["N"].sum().item() == 2 * 2 * state["w0"]  # batch x heads x cached positions
+    for t in range(P, 26):
+        y, state = unit.decode(x[:, t:t + 1], state)
+        assert rel_err(y[:, 0], full[:, t]) < 1e-12, t
+
+
 def test_greedy_generation_with_cache_equals_without():
     torch.manual_seed(0)
     model = GPT(_decode_config()).eval()
