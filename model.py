@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from kernels.adaptive_sparse import Scorer, adaptive_sparse_attention, block_means, n_slots
 from kernels.generative import causal_generative_function, gf_compare
 from kernels.kernel_hashing import kernel_hashing_attention, kernel_hashing_query, kh_hash, kh_levels
-from kernels.vq import gau_dense_attention, rms_norm, straight_through, vq_attention
+from kernels._triton import HAS_TRITON
+from kernels.vq import gau_dense_attention, rms_norm, straight_through, vq_attention, vq_cache_fold, vq_stream_chunk
 
 
 @dataclass
@@ -208,6 +209,9 @@ ATTENTION["dense"] = DenseAttention
 # in forward or backward. kernels/vq.py computes it block by block in Triton on CUDA (a query
 # scores 2L window keys and S codes; a cache per block, memory O(T d + (T/L) S d_v)) and chunk by
 # chunk in PyTorch elsewhere (chunks of about S / L blocks, a cache per chunk).
+# Without autograd in eval mode (evaluation, and decode's prefill) the CPU path streams: one chunk at a time is
+# projected, quantized and attended, carrying the block before it and the cache (N and value sums
+# per code), so its memory beyond x and y is O(C (L + C + S + d) + S d_v), independent of T.
 # Decode: O(1) state per layer (the current and previous block, N and the value sums per
 # code) and O(L + S) time per token, independent of the context length.
 #
@@ -350,6 +354,8 @@ class VQGatedUnit(nn.Module):
         return self.resid_dropout(self.c_proj(o * g))
 
     def forward(self, x):
+        if self.quantized and not self.training and not torch.is_grad_enabled() and not (x.is_cuda and HAS_TRITON):
+            return self._stream(x)  # evaluation, prefill: memory independent of T
         q, k, v, g = self._project(x)
         if not self.quantized:  # dense-GAU ablation: the same unit, exact attention over k
             bias = self._window_bias(q, self._rel(x.device))
@@ -367,6 +373,51 @@ class VQGatedUnit(nn.Module):
             self.accumulate_codebook_stats(k, z)
         return self._out(o, g)
 
+    @torch.no_grad()
+    def _stream(self, x, keep_state=False):
+        """The forward without autograd, chunk by chunk (chunks of max(1, S // L) blocks, as the CPU
+        path's): project, quantize and attend one chunk at a time, carrying the block before it and the
+        cache counts and value sums. Extra memory O(C (L + C + S + d) + S d_v), independent of T.
+        Same result, last_counts and last_commit as the training forward. keep_state: also return
+        decode's state after x (the prefill)."""
+        B, T, _ = x.shape
+        H, L, S = self.H, self.L, self.S
+        C = max(1, S // L) * L
+        rel, cb = self._rel(x.device), self.codebook()
+        prev = counts = sums = None
+        y, commit = None, 0.0
+        self.last_counts.zero_()
+        for s0 in range(0, T, C):
+            q, k, v, g = self._project(x[:, s0:s0 + C])
+            z, k_hat, err = self.quantize(k)
+            if counts is None:  # the cache in the values' dtype (float32 at least), as the training path's
+                counts, sums = v.new_zeros(B, H, S), v.new_zeros(B, H, S, v.shape[-1])
+            commit = commit + err.sum()
+            self.last_counts.scatter_add_(1, z.transpose(0, 1).reshape(H, -1),
+                                          torch.ones(H, z.numel() // H, device=x.device, dtype=self.last_counts.dtype))
+            pk, pv = (k_hat[:, :, :0], v[:, :, :0]) if prev is None else prev[:2]
+            o = vq_stream_chunk(self._content_q(q), k_hat, v, self._window_bias(q, rel), cb, L, pk, pv, counts, sums)
+            out = self._out(o, g)
+            if y is None:
+                y = out.new_empty(B, T, out.shape[-1])
+            y[:, s0:s0 + C] = out
+            if s0 + C < T:  # the keys before the next chunk's previous block enter the cache
+                if prev is not None:
+                    vq_cache_fold(counts, sums, prev[2], prev[1])
+                vq_cache_fold(counts, sums, z[:, :, :C - L], v[:, :, :C - L])
+                prev = (k_hat[:, :, C - L:], v[:, :, C - L:], z[:, :, C - L:])
+        self.last_commit = self.beta * commit / (B * T)
+        self.aux_loss = None
+        if not keep_state:
+            return y
+        # decode's window starts at w0; the kept keys (block before the last chunk, the last chunk) start at p0
+        pk, pv, pz = prev if prev is not None else (k_hat[:, :, :0], v[:, :, :0], z[:, :, :0])
+        p0, w0 = s0 - pk.shape[2], max(0, (T // L - 1) * L)
+        wk, wv, wz = torch.cat([pk, k_hat], 2), torch.cat([pv, v], 2), torch.cat([pz, z], 2)
+        cut = w0 - p0  # the kept positions before the window enter the cache
+        vq_cache_fold(counts, sums, wz[:, :, :cut], wv[:, :, :cut])
+        return y, dict(pos=T, w0=w0, k=wk[:, :, cut:], v=wv[:, :, cut:], z=wz[:, :, cut:], N=counts, U=sums)
+
     # ---- decoding: the window (previous + current block) and per-code counts / value sums
     @torch.no_grad()
     def decode(self, x, state):
@@ -380,6 +431,8 @@ class VQGatedUnit(nn.Module):
             bias = self._window_bias(q, self._rel(x.device))
             o = gau_dense_attention(self._content_q(q), k, v, self.L, bias)
             return self._out(o, g), dict(k=k, v=v)
+        if state is None and not (x.is_cuda and HAS_TRITON):  # prefill, streamed: memory independent of T
+            return self._stream(x, keep_state=True)
         if state is None:  # prefill: one full forward, then keep what later tokens need
             q, k, v, g = self._project(x)
             z, k_hat, _ = self.quantize(k)

@@ -4,6 +4,8 @@
                          block (what the Triton kernels compute); straight_through, the quantizer's STE
     CPU-fast path        vq_chunk_attention_torch: chunk by chunk (G blocks), a cache per chunk; rms_norm
     entry point          vq_attention: the Triton kernels on CUDA, the chunked path elsewhere
+    streaming (no grad)  vq_stream_chunk + vq_cache_fold: one chunk against the block before it and a
+                         running cache (counts, value sums): memory independent of T (eval, prefill)
     dense-GAU ablation   gau_dense_attention: exact causal attention over unquantized keys with the
                          same position terms (vq_quantize=False), a plain masked softmax, O(T^2)
     Triton kernels       vq_block_attention (VQBlockAttention): forward and backward, below
@@ -321,6 +323,40 @@ def vq_attention(q, k_hat, z, v, codebook, L, bias=None, chunk_blocks=None):
     else:
         o = vq_chunk_attention_torch(q, k_hat, z, v, bias, codebook, L, G)
     return o[:, :, :T]
+
+
+# ------------------------------------------------------------------------------- streaming forward (no grad)
+
+def vq_stream_chunk(q, k_hat, v, bias, codebook, L, prev_k, prev_v, counts, sums):
+    """One chunk of the streaming forward (no autograd; VQGatedUnit under torch.no_grad in eval):
+    the c queries q (B, H, c, d_k) of a chunk (whole blocks from a block start, the last one may be
+    partial) attend key by key to prev_k, prev_v (B, H, p, .), the block before the chunk (p = L,
+    or 0 for the first chunk), and to the chunk's own keys k_hat and values v; every older key is
+    in counts N (B, H, S) and value sums U (B, H, S, d_v). bias (B, H, c, L+1) or None. The same
+    logits as vq_chunk_attention_torch, so the same result; memory O(c (L + c + S + d)), none of it
+    growing with the position of the chunk. Returns o (B, H, c, d_v)."""
+    if torch.is_autocast_enabled(q.device.type):  # float32, as vq_attention
+        with torch.autocast(q.device.type, enabled=False):
+            return vq_stream_chunk(q.float(), k_hat.float(), v.float(), None if bias is None else bias.float(),
+                                   codebook.float(), L, prev_k, prev_v, counts, sums)
+    kw, vw = torch.cat([prev_k, k_hat], 2), torch.cat([prev_v, v], 2)
+    t, n, S = q.shape[2], kw.shape[2], codebook.shape[1]
+    s_keys = q @ kw.transpose(-1, -2)
+    if bias is not None:
+        s_keys += _band(bias, n, L)
+    causal = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(n - t)
+    s_keys.masked_fill_(~causal, float("-inf"))
+    logn = torch.where(counts > 0, counts.clamp(min=1).log(), torch.full_like(counts, float("-inf")))
+    s_cache = q @ codebook.transpose(-1, -2) + logn.unsqueeze(2)
+    a = torch.softmax(torch.cat([s_cache, s_keys], dim=-1), dim=-1)
+    return a[..., S:] @ vw + (a[..., :S] / counts.clamp(min=1).unsqueeze(2)) @ sums
+
+
+def vq_cache_fold(counts, sums, z, v):
+    """Add keys with codes z (B, H, n) and their values v (B, H, n, d_v) to the cache, in place:
+    counts (B, H, S) and value sums (B, H, S, d_v)."""
+    counts.scatter_add_(2, z, torch.ones_like(z, dtype=counts.dtype))
+    sums.scatter_add_(2, z.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]), v.to(sums.dtype))
 
 
 # ------------------------------------------------------------------------------- dense-GAU ablation

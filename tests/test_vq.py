@@ -389,6 +389,61 @@ def test_extra_metrics():
     assert m["vq/layer1/commit_loss"] > 0
 
 
+# ---------------------------------------------------------------- streaming forward (no grad)
+
+
+def _stream_unit(**kw):
+    torch.manual_seed(0)
+    unit = VQGatedUnit(small_config(**kw)).double().eval()
+    _random_position_terms(unit)
+    with torch.no_grad():
+        unit.c_count.uniform_(0.5, 2.0)
+    return unit
+
+
+@pytest.mark.parametrize("H, L, S, T", [(1, 4, 12, 1), (1, 4, 12, 11), (1, 4, 12, 12), (2, 4, 12, 37),
+                                        (1, 4, 12, 60), (2, 8, 16, 45), (1, 8, 4, 29)])
+def test_streaming_forward_equals_training_forward(H, L, S, T):
+    """Under no_grad in eval the unit streams chunks of max(1, S // L) blocks (C = 12, 16 or 8
+    positions here; T with a partial last chunk and block); float64, the same output as the
+    autograd forward, and the same diagnostics."""
+    unit = _stream_unit(vq_n_head=H, vq_block_len=L, vq_codebook_size=S)
+    x = torch.randn(2, T, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = unit(x.requires_grad_(True)).detach()  # autograd on: the training (chunked) path
+    counts, commit = unit.last_counts.clone(), unit.last_commit.clone()
+    seen = []
+    project = unit._project
+    unit._project = lambda x_: seen.append(x_.shape[1]) or project(x_)
+    with torch.no_grad():
+        got = unit(x.detach())
+    C = max(1, S // L) * L
+    assert seen == [min(C, T - s0) for s0 in range(0, T, C)]  # it streamed, one chunk at a time
+    assert rel_err(got, want) < 1e-12
+    assert torch.equal(unit.last_counts, counts)
+    assert torch.allclose(unit.last_commit, commit, rtol=1e-12, atol=0)
+
+
+def test_streaming_forward_is_causal_and_taken_only_without_grad():
+    unit = _stream_unit()
+    x = torch.randn(1, 40, 64, dtype=torch.float64)
+    calls = []
+    stream = unit._stream
+    unit._stream = lambda x_: calls.append(1) or stream(x_)
+    unit(x)  # autograd on: not streamed
+    unit.train()
+    with torch.no_grad():
+        unit(x)  # training mode (codebook statistics): not streamed
+    assert calls == []
+    unit.eval()
+    with torch.no_grad():
+        y = unit(x)
+        x2 = x.clone()
+        x2[:, 21:] = torch.randn(1, 19, 64, dtype=torch.float64)
+        y2 = unit(x2)
+    assert calls == [1, 1]
+    assert torch.equal(y[:, :21], y2[:, :21]) and not torch.allclose(y[:, 21:], y2[:, 21:])
+
+
 # ---------------------------------------------------------------- whole model
 
 
@@ -495,6 +550,26 @@ def test_decode_state_equals_full_forward(kw):
             assert unit_state["k"].shape[2] <= 2 * 4 and unit_state["U"].shape[2] == 8  # O(1) state
         else:  # the dense-GAU ablation keeps every key
             assert unit_state["k"].shape[2] == t + 1
+
+
+@pytest.mark.parametrize("P", [1, 3, 4, 8, 9, 13, 16, 21])
+def test_streamed_prefill_then_decode_equals_full_forward(P):
+    """The prefill streams chunks of 8 positions (L = 4, S = 8); prompts of 1..21 tokens (whole and
+    partial chunks and blocks), then token-by-token decoding to 26; float64, against the autograd forward."""
+    unit = _stream_unit(vq_n_head=2, vq_block_len=4, vq_codebook_size=8)
+    x = torch.randn(2, 26, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(P))
+    full = unit(x.requires_grad_(True)).detach()
+    x = x.detach()
+    calls = []
+    stream = unit._stream
+    unit._stream = lambda x_, keep_state=False: calls.append(x_.shape[1]) or stream(x_, keep_state)
+    y, state = unit.decode(x[:, :P], None)
+    assert calls == [P] and rel_err(y, full[:, :P]) < 1e-12
+    assert state["w0"] == max(0, (P // 4 - 1) * 4) and state["k"].shape[2] == P - state["w0"] <= 8
+    assert state["N"].sum().item() == 2 * 2 * state["w0"]  # batch x heads x cached positions
+    for t in range(P, 26):
+        y, state = unit.decode(x[:, t:t + 1], state)
+        assert rel_err(y[:, 0], full[:, t]) < 1e-12, t
 
 
 def test_greedy_generation_with_cache_equals_without():
