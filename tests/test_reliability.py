@@ -116,8 +116,7 @@ def test_smallest_block_is_the_smallest_config_block_size():
     sizes = []
     for name in os.listdir(os.path.join(ROOT, "config")):
         cfg, _ = configurator.load([os.path.join(ROOT, "config", name)], train.DEFAULTS)
-        ns = {}
-        exec(open(os.path.join(ROOT, "config", name)).read(), ns)
+        ns = configurator.exec_config(os.path.join(ROOT, "config", name))
         sizes += [cfg["block_size"]] + [s["block_size"] for s in ns.get("scales", {}).values() if "block_size" in s]
     assert min(sizes) == prepare_data.SMALLEST_BLOCK
 
