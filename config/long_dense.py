@@ -8,6 +8,7 @@ eval_interval = 100; log_interval = 10
 always_save_checkpoint = False
 learning_rate = 2e-3; min_lr = 2e-4; beta2 = 0.99; warmup_iters = 50
 eval_tokens = 65536  # 16 windows of 4096 per split (standard error about 0.007 nats)
+eval_batch_size = 4  # windows per evaluation forward: the dense-GAU ablation holds T x T logits per window
 scales = {
     # 2 layers, 4 heads, 128 wide; one window of 4096 characters per iteration, 400 iterations (1.6M tokens):
     # sized so that six arms x 2 seeds fit in about 100 minutes on 2 cores (compare.py --preset=long)
