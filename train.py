@@ -420,7 +420,7 @@ def main(argv):
             if not mem_frozen or device_type == "cuda":  # wandb never touches the CUDA allocator: stay live
                 mem_key, mem = peak_memory(device_type)
             last_ms = ms or last_ms
-            row.update({"ms_per_iter": ms, "tokens_per_sec": tokens_per_iter / (ms / 1000) if ms else None,
+            row.update({"ms_per_iter": ms, "last_step_ms": step_ms[-1] if step_ms else None, "tokens_per_sec": tokens_per_iter / (ms / 1000) if ms else None,
                         mem_key: mem, "mfu": raw_model.estimate_mfu(tokens_per_iter, ms / 1000, cfg["peak_flops"])
                         if ms else None, "attention": cfg["attention"], "params": raw_model.get_num_params(), "device": device,
                         "data_source": meta.get("source"), "time": time.time()})

@@ -103,8 +103,9 @@ def test_time_budget_stops_where_it_says(workdir):
           "--warmup_iters=0")  # no warmup: on a loaded machine 3 s may end inside it
     log = rows(workdir, "o_time")
     last = log[-1]
-    step = last["ms_per_iter"] / 1000
-    assert 3 <= last["train_seconds"] < 3 + 10 * step and last["iter"] < 100000
+    # it stops at the first step boundary past the budget, whatever the machine's load: before the last step
+    # the clock was still under 3 s
+    assert last["train_seconds"] - last["last_step_ms"] / 1000 < 3 <= last["train_seconds"] and last["iter"] < 100000
     assert last["tokens"] == last["iter"] * 8 * 32
     assert last["lr"] == pytest.approx(3e-4, rel=0.05)  # the cosine ran out with the time (by iterations it would barely have begun)
 
