@@ -139,7 +139,9 @@ def floor(data_dir, block_size, eval_tokens, max_order=8):
     key = f"ngram_floor_T{block_size}_E{eval_tokens}_O{max_order}.json"
     cache = os.path.join(data_dir, key)
     if os.path.exists(cache):
-        return json.load(open(cache))
+        res = json.load(open(cache))
+        if "val_by_order" in res:  # older caches lack it: refit
+            return res
     train = np.fromfile(os.path.join(data_dir, "train.bin"), dtype=np.uint16).astype(np.int64)
     val = np.fromfile(os.path.join(data_dir, "val.bin"), dtype=np.uint16).astype(np.int64)
     by_order = choose_order(train, meta["vocab_size"], block_size, max_order, eval_tokens)
@@ -149,6 +151,9 @@ def floor(data_dir, block_size, eval_tokens, max_order=8):
     res = {"val/loss": float(nll.mean()), "val/loss_se": float(nll.std(ddof=1) / np.sqrt(len(nll)))
            if len(nll) > 1 else 0.0, "order": order, "held_out_by_order": by_order, "windows": len(starts),
            "block_size": block_size, "eval_tokens": eval_tokens, "model": "interpolated absolute discounting"}
+    # every order on the same val windows: reference levels (order 2: what the current token alone predicts)
+    res["val_by_order"] = {n: float(NGram(n, meta["vocab_size"]).fit(train).window_nll(val, starts, block_size).mean())
+                           for n in by_order}
     import configurator
     configurator.write_atomic(cache, json.dumps(res, indent=1))
     return res

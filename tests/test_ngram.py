@@ -1,4 +1,5 @@
 """ngram.py: the fixed evaluation windows and the n-gram floor (a proper distribution, scored like a model)."""
+import json
 import numpy as np
 import pytest
 
@@ -51,3 +52,15 @@ def test_higher_order_helps_on_a_markov_chain_and_is_chosen():
     by_order = ngram.choose_order(corpus(40_000), 7, 16, 4, 0)
     assert by_order[2] < by_order[1] - 0.1  # the chain's one-step memory is found
     assert min(by_order, key=by_order.get) >= 2
+
+
+def test_floor_reports_every_order_on_the_same_windows(tmp_path):
+    data = corpus(20_000)
+    data[:18_000].astype(np.uint16).tofile(tmp_path / "train.bin")
+    data[18_000:].astype(np.uint16).tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 7}))
+    res = ngram.floor(str(tmp_path), 16, 0, max_order=3)
+    assert set(res["val_by_order"]) == {1, 2, 3} and res["val_by_order"][res["order"]] == res["val/loss"]
+    assert res["val_by_order"][2] < res["val_by_order"][1]  # the chain's one-step memory
+    again = ngram.floor(str(tmp_path), 16, 0, max_order=3)  # cached (JSON: the orders come back as strings)
+    assert again["val/loss"] == res["val/loss"] and len(again["val_by_order"]) == 3
