@@ -94,9 +94,8 @@ def plot(kept, k_max, path, force_first=0):
         ax.set(title=f"layer {layer}", xlabel="kept blocks per query block", ylabel="share")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    configurator.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
 
 
 def main(argv):

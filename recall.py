@@ -21,7 +21,6 @@ parametrisation. Writes <out>/recall.md, recall.csv and recall.png (accuracy aga
 panel per T). Accuracy is per query; chance is 1/n_values.
 """
 
-import csv
 import datetime
 import os
 import statistics
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 import bench
+import compare
 import configurator
 from model import ATTENTION, GPT
 
@@ -165,9 +165,8 @@ def plot(rows, lengths, path, chance):
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    configurator.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
 
 
 def main(argv):
@@ -210,11 +209,7 @@ def main(argv):
                   "accuracy:", ", ".join(f"{r['pairs']} pairs {r['accuracy']:.3f}" for r in new), flush=True)
     minutes = (time.perf_counter() - t_all) / 60
     chance = 1.0 / o["n_values"]
-    with open(os.path.join(o["out"], "recall.csv.tmp"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(os.path.join(o["out"], "recall.csv.tmp"), os.path.join(o["out"], "recall.csv"))
+    compare.write_csv(os.path.join(o["out"], "recall.csv"), rows)
     facts = ", ".join(f"{k}: {v}" for k, v in bench.machine_facts("cpu").items())
     lines = [f"MQAR accuracy (fraction of queries answered with the stored value; chance {chance:.4f}). "
              f"Command: `python recall.py {' '.join(argv)}`; {minutes:.1f} minutes in all.", "",
@@ -232,10 +227,7 @@ def main(argv):
             lines.append(f"| {name} | " + " | ".join(f"{r[n]['accuracy']:.3f}" for n in cols)
                          + f" | {any_r['ms_per_iter']} | {any_r['params']} |")
         lines.append("")
-    tmp = os.path.join(o["out"], "recall.md.tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, os.path.join(o["out"], "recall.md"))
+    configurator.write_atomic(os.path.join(o["out"], "recall.md"), "\n".join(lines))
     plot(rows, lengths, os.path.join(o["out"], "recall.png"), chance)
     print("\n".join(lines))
     print(f"wrote {o['out']}/recall.md, recall.csv, recall.png ({datetime.datetime.now():%H:%M})")
