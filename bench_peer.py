@@ -40,11 +40,9 @@ Writes <out>/peer.md (tables, command, machine facts) and <out>/peer.csv.
 """
 
 import csv
-import datetime
 import io
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -353,20 +351,16 @@ def measure_mem(argv, who, mode, Tn):
 
 
 def machine_facts():
+    """bench.machine_facts plus what the JAX side depends on."""
     import flax
     import jax
-    import torch
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-            "torch threads": torch.get_num_threads(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""), "torch": torch.__version__,
-            "jax": jax.__version__, "flax": flax.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+    import bench
+    facts = bench.machine_facts("cpu")
+    facts.update({"affinity": len(os.sched_getaffinity(0)), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+                  "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""), "jax": jax.__version__,
+                  "flax": flax.__version__})
+    return facts
 
 
 def official_commit(path):
