@@ -75,13 +75,14 @@ def test_full_budget_equals_exact_attention(T):
     assert rel_err(small, exact) > 1e-2
 
 
-@pytest.mark.parametrize("T,seed", [(45, 1), (77, 2), (64, 3)])
-def test_matches_dense_reference_of_same_estimator(T, seed):
-    """Forward and every gradient against autograd through the dense form with the same hashes and samples."""
+@pytest.mark.parametrize("T,seed,m", [(45, 1, 6), (77, 2, 6), (64, 3, 6), (77, 4, 4)])
+def test_matches_dense_reference_of_same_estimator(T, seed, m):
+    """Forward and every gradient against autograd through the dense form with the same hashes and samples
+    (m 6 does not divide the rectangles' sides 8, 16, 32: uniform draws; m 4 does: sorted strata)."""
     q, k, v = qkv(1, 3, T, 8, seed=seed, grad=True)
     go = torch.randn(1, 3, T, 8, dtype=torch.float64)
-    out = KH.kernel_hashing_attention(q, k, v, *knobs(), seed, backend="torch")
-    ref = reference(q, k, v, knobs(), seed)
+    out = KH.kernel_hashing_attention(q, k, v, *knobs(kh_samples=m), seed, backend="torch")
+    ref = reference(q, k, v, knobs(kh_samples=m), seed)
     assert rel_err(out, ref) < 1e-10
     for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
         assert rel_err(a, b) < 1e-10
@@ -100,7 +101,8 @@ def test_gradient_flows_through_the_merge_weights():
     assert rel_err(dq_bad, dq) > 0.1 and rel_err(dk_bad, dk) > 0.1
 
 
-def test_sampled_part_is_unbiased():
+@pytest.mark.parametrize("sampling", ["sorted-strata", "uniform"])
+def test_sampled_part_is_unbiased(sampling):
     """Over draws, the estimated sums Z_i = sum_j e_ij and N_i = sum_j e_ij v_j of a past rectangle
     (exact block + sampled rest weighted n/m) average to the exact sums; weight 1 is visibly biased.
     Batch rows hash and sample independently, so R copies of one sequence are R independent draws."""
@@ -108,7 +110,7 @@ def test_sampled_part_is_unbiased():
     q, k, v = (t.expand(R, 1, 2 * s, 8) for t in qkv(1, 1, 2 * s, 8, seed=9))
     S = (q @ k.transpose(-1, -2) / math.sqrt(8))[..., s:, :s]  # queries s..2s-1 against keys 0..s-1
     exact_z, exact_n = S[0].exp().sum(-1), S[0].exp() @ v[0, :, :s]
-    W = KH.kernel_hashing_log_weights(q, k, s, 8, 8, 3, 17)[..., s:, :s]
+    W = KH.kernel_hashing_log_weights(q, k, s, 8, 8, 3, 17, sampling)[..., s:, :s]
     assert (W == 0).sum(-1).eq(8).all() and (W > 0).any()  # a block of 8 keys exactly, some sampled keys
     e = torch.exp(S + W)
     for est, exact in ((e.sum(-1), exact_z), (e @ v[..., :s, :], exact_n)):
@@ -117,6 +119,27 @@ def test_sampled_part_is_unbiased():
     est = torch.exp(S + W.clamp(max=0)).sum(-1)  # the sampled part without its n/m weight
     z = (est.mean(0) - exact_z) / (est.std(0) / math.sqrt(R))
     assert z.abs().max() > 10
+
+
+def test_sorted_strata_take_one_key_from_each_stratum_of_the_hashed_order():
+    """sorted-strata: the m samples sit one in each run of s/m consecutive keys of the hash-sorted order (so
+    every key is drawn with probability m/s, as uniform draws are); m not dividing s falls back to uniform."""
+    s, m, G = 64, 8, 6
+    q, k, _ = qkv(1, G, s, 8, seed=3)
+    rq, rk = KH._kh_level_ranks(q, k, 0, 5, 4)
+    place = lambda plan: torch.argsort(plan["k_order"], dim=1).gather(1, plan["s_idx"])  # place in sorted order
+    args = (rq[:, :, None], rk[:, :, None], 0, torch.tensor([0]), torch.arange(s), 5, 8)
+    strata = KH._kh_plan(*args, m)
+    assert torch.equal(place(strata).sort(1).values // (s // m), torch.arange(m).expand(G, m))
+    hits = torch.zeros(s)
+    for seed in range(200):  # every place of the sorted order is drawn, about equally often
+        p = KH._kh_plan(*args[:5], seed, 8, m)
+        hits += torch.bincount(place(p).flatten(), minlength=s) / G
+    assert hits.min() > 0 and (hits / 200 - m / s).abs().max() < 0.1
+    uni = KH._kh_plan(*args, m, "uniform")
+    assert not torch.equal(place(uni).sort(1).values // (s // m), torch.arange(m).expand(G, m))
+    odd = KH._kh_plan(*args, 6)  # 6 does not divide 64: the uniform draw
+    assert torch.equal(odd["s_idx"], KH._kh_plan(*args, 6, "uniform")["s_idx"])
 
 
 def test_causal_through_the_whole_gpt():
