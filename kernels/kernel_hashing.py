@@ -250,7 +250,7 @@ def _kh_scores(qf, kf, piece, scale):
     s = torch.baddbmm(torch.full((), piece["bias"], dtype=qt.dtype, device=qt.device), qt, kt.transpose(1, 2),
                       alpha=scale)
     if piece["mask"] is not None:
-        s = s.masked_fill(~piece["mask"], float("-inf"))
+        s.masked_fill_(~piece["mask"], float("-inf"))
     return s, qt, kt
 
 
@@ -277,14 +277,19 @@ def _kh_row_lse(n, pieces, row_lse):
 def _kh_attend(qf, kf, vf, pieces, scale):
     """Softmax attention of each query row over the union of its pieces' keys (disjoint per row):
     qf (Nq, d), kf, vf (Nk, d) -> o (Nq, d), lse (Nq,), and the first piece's row lse."""
-    scores = [_kh_scores(qf, kf, pc, scale)[0] for pc in pieces]
-    row_lse = [torch.logsumexp(s, -1) for s in scores]
+    exps, row_max, row_lse = [], [], []
+    for pc in pieces:  # one exp per score: e = exp(s - row max), lse_p = max + log sum e
+        s = _kh_scores(qf, kf, pc, scale)[0]
+        mx = s.amax(-1, keepdim=True).clamp_min(-1e30)  # a row with no key in this piece: -1e30, e = 0
+        exps.append(s.sub_(mx).exp_())
+        row_max.append(mx)
+        row_lse.append(mx.squeeze(-1) + torch.log(s.sum(-1)))
     lse = _kh_row_lse(qf.shape[0], pieces, row_lse)
     o = torch.zeros(qf.shape[0], vf.shape[1], dtype=vf.dtype, device=vf.device)
-    for pc, s in zip(pieces, scores):
-        nt, r, kk = s.shape
-        p = torch.exp(s - _kh_take(lse[:, None], pc["rows_q"], nt, r))
-        _kh_put(o, pc["rows_q"], torch.bmm(p, _kh_take(vf, pc["rows_k"], nt, kk)))
+    for pc, e, mx in zip(pieces, exps, row_max):
+        nt, r, kk = e.shape
+        w = torch.exp(mx - _kh_take(lse[:, None], pc["rows_q"], nt, r))  # (nt, r, 1): p = e * w
+        _kh_put(o, pc["rows_q"], torch.bmm(e, _kh_take(vf, pc["rows_k"], nt, kk)).mul_(w))
     return o, lse, row_lse[0]
 
 
@@ -309,10 +314,10 @@ class _KHAttend(torch.autograd.Function):
         for pc in ctx.pieces:
             s, qt, kt = _kh_scores(qf, kf, pc, ctx.scale)
             nt, r, kk = s.shape
-            p = torch.exp(s - _kh_take(lse[:, None], pc["rows_q"], nt, r))
+            p = s.sub_(_kh_take(lse[:, None], pc["rows_q"], nt, r)).exp_()
             dot, vt = _kh_take(do, pc["rows_q"], nt, r), _kh_take(vf, pc["rows_k"], nt, kk)
             _kh_put(dv, pc["rows_k"], torch.bmm(p.transpose(1, 2), dot))
-            ds = p * (torch.bmm(dot, vt.transpose(1, 2)) - _kh_take(delta, pc["rows_q"], nt, r))
+            ds = torch.bmm(dot, vt.transpose(1, 2)).sub_(_kh_take(delta, pc["rows_q"], nt, r)).mul_(p)
             _kh_put(dq, pc["rows_q"], torch.bmm(ds, kt))
             _kh_put(dk, pc["rows_k"], torch.bmm(ds.transpose(1, 2), qt))
         return dq * ctx.scale, dk * ctx.scale, dv, None, None
