@@ -75,7 +75,7 @@ def parse_args(argv):
                    help="comma-separated checkpoint directories, .npz captures or synthetic names " + "/".join(SYNTHETIC))
     p.add_argument("--report_dir", type=str, required=True, help="where to write the report")
     p.add_argument("--data_dir", type=str, default="data", help="datasets root: <data_dir>/<dataset>/val.bin")
-    p.add_argument("--n_seqs", type=int, default=2, help="validation windows captured from a checkpoint")
+    p.add_argument("--n_seqs", type=int, default=2, help="validation windows per checkpoint")
     p.add_argument("--heads", type=str, default="0,1", help="heads captured in every layer")
     p.add_argument("--synthetic_T", type=int, default=16384, help="length of the synthetic inputs")
     p.add_argument("--T", type=str, default="256,512,1024,2048,4096,8192,16384", help="lengths of the error-vs-T table")
@@ -388,7 +388,11 @@ def plots(report_dir, growth, err_T, err_budget, variants, knobs):
 
 
 def main(argv):
-    args = parse_args(argv)
+    with torch.no_grad():  # measurements only; the caller's grad mode is left as it was
+        run(parse_args(argv), argv)
+
+
+def run(args, argv):
     from model import GPTConfig
     specs = [s.strip() for s in args.inputs.split(",") if s.strip()]
     if not specs:
@@ -408,7 +412,6 @@ def main(argv):
         (f"GPTConfig defaults (c{defaults[0]} b{defaults[1]} m{defaults[2]})", (defaults, "sorted-strata")),
     ]
     os.makedirs(args.report_dir, exist_ok=True)
-    torch.set_grad_enabled(False)
 
     lines = ["# kernel-hashing: the sparsity assumption and the estimate's error", "",
              f"`python diagnose.py {' '.join(argv)}`", "", "Inputs:", ""]

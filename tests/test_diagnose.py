@@ -65,6 +65,7 @@ def test_report_from_a_checkpoint_and_again_from_its_capture(tmp_path):
 
     again = tmp_path / "again"  # the committed-capture route reproduces the checkpoint route
     diagnose.main(["--inputs", str(capture), "--report_dir", str(again), *common])
+    assert torch.is_grad_enabled()  # the caller's grad mode survives (later tests train in this process)
     assert read_csv(again / "assumption.csv") == [x for x in rows if x["input"] == "out-kernel-hashing"]
     assert read_csv(again / "error_vs_budget.csv") == read_csv(report / "error_vs_budget.csv")[:len(budget) // 2]
 

@@ -16,13 +16,14 @@ SCRIPTS = {
     "bench_decode.py": ("contexts", "str", "'512,2048,8192'", "Decoding cost against context length"),
     "recall.py": ("pairs", "str", "'8,32,64'", "Recall probe: multi-query associative recall"),
     "diagnose.py": ("--n_seqs", "int", "2", "does the seed paper's sparsity assumption hold"),  # argparse
+    "diagnose_peer.py": ("--seeds", "int", "3", "Side by side with the public HyperAttention code"),  # argparse
 }
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_help(script):
     key, typ, default, doc = SCRIPTS[script]
-    flag = "-h" if script == "diagnose.py" else "--help"  # configurator's -h: test_help_flags below
+    flag = "-h" if script.startswith("diagnose") else "--help"  # configurator's -h: test_help_flags below
     r = run([script, flag], timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert doc in r.stdout
