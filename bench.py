@@ -524,8 +524,10 @@ def write_reports(rows, what, out_dir, argv, device):
     tables = markdown_tables(rows)
     cmd = command_line(argv)
     section = f"{tables}\n\nCommand: `{cmd}`\n\nMachine: {machine}\n"
-    what_text = ("one token-mixing block (n_embd=256, n_head=4, batch 1)" if what == "block" else
-                 "the full GPT (4 layers, 4 heads, 256 embd, vocab 256, batch 1)")
+    shapes = sorted({bench_shape(n) for n in dict.fromkeys(r["attention"] for r in rows)})
+    shape = "; ".join(f"n_embd={e}, n_head={h}" + (f", {nl} layers" if what != "block" else "") for e, h, nl in shapes)
+    what_text = (f"one token-mixing block ({shape}, batch 1)" if what == "block" else
+                 f"the full GPT ({shape}, vocab {VOCAB}, batch 1)")
     knob_lines = [f"- {n}: {next((r['knobs'] for r in rows if r['attention'] == n and r['knobs']), '{}') or '{}'}"
                   for n in dict.fromkeys(r["attention"] for r in rows)]
     md = "\n".join([
