@@ -129,15 +129,17 @@ def val_windows(data_dir, dataset, T, n):
 
 def capture_qkv(model, idx, heads=None):
     """q, k, v (N, layers * len(heads), T, d) of the layers whose mixer has dense-like heads (a c_attn giving
-    3C), and the (layer, head) of each; forward hooks on c_attn."""
+    3C), and the (layer, head) of each; forward hooks on c_attn (q, k rotated when the block uses rope)."""
+    from model import rotate
     C = model.config.n_embd
     found, hooks = {}, []
     for i, block in enumerate(model.transformer.h):
         lin = getattr(block.attn, "c_attn", None)
         if isinstance(lin, torch.nn.Linear) and lin.out_features == 3 * C and hasattr(block.attn, "n_head"):
-            def hook(mod, inp, out, i=i, H=block.attn.n_head):
+            def hook(mod, inp, out, i=i, H=block.attn.n_head, rope=getattr(block.attn, "rope", False)):
                 N, T, _ = out.shape
-                found[i] = [t.reshape(N, T, H, C // H).transpose(1, 2).detach() for t in out.split(C, dim=2)]
+                q, k, v = (t.reshape(N, T, H, C // H).transpose(1, 2).detach() for t in out.split(C, dim=2))
+                found[i] = [rotate(q), rotate(k), v] if rope else [q, k, v]  # what the block attends with
             hooks.append(lin.register_forward_hook(hook))
     if not hooks:
         raise DiagnoseError(f"attention {model.config.attention!r} has no dense-like q/k/v heads (c_attn) to measure")

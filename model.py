@@ -50,6 +50,7 @@ class GPTConfig:
     mlp_ratio: float = 4.0  # MLP inner width = mlp_ratio * n_embd; 0 removes the MLP
     mlp_activation: str = "gelu"  # a name in ACTIVATION
     attention: str = "dense"  # a name in ATTENTION
+    rope: bool = False  # rotary positions on q, k instead of the wpe table (blocks with dense-like heads)
     # block-specific knobs, prefixed by the block they belong to; each section owns its lines
     # vq (Transformer-VQ)
     vq_codebook_size: int = 128
@@ -97,6 +98,20 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+def rotate(t, pos0=0, base=10000.0):
+    """Rotary position embedding (Su et al., "RoFormer", 2021) of q or k (B, H, T, d) at positions
+    pos0 .. pos0+T-1: the pair (t_i, t_{i+d/2}) is turned by the angle p * base^(-2i/d), so
+    rotate(q)_s . rotate(k)_t depends on q, k and s - t only (a relative position scheme, used by
+    dense, kernel-hashing and adaptive-sparse when GPTConfig.rope is set; the wpe table is then
+    dropped). Computed in float32 at least (float64 for float64 input), returned in t's dtype."""
+    half, dt = t.shape[-1] // 2, torch.promote_types(t.dtype, torch.float32)
+    inv = base ** (-2 * torch.arange(half, device=t.device, dtype=dt) / t.shape[-1])
+    ang = torch.arange(pos0, pos0 + t.shape[-2], device=t.device, dtype=dt)[:, None] * inv
+    cos, sin = ang.cos(), ang.sin()
+    a, b = t[..., :half].to(dt), t[..., half:2 * half].to(dt)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos, t[..., 2 * half:].to(dt)], -1).to(t.dtype)
+
+
 # --------------------------------------------------------------------------------------
 # dense: causal softmax attention
 # --------------------------------------------------------------------------------------
@@ -109,27 +124,33 @@ class DenseAttention(nn.Module):
         o_t = sum_{s<=t} softmax_s(q_t . k_s / sqrt(d)) v_s
         y = o W_o
 
-    Computed by torch's scaled_dot_product_attention (flash / memory-efficient
-    kernels where available). Cost per layer: O(T^2 d) time; O(T d) memory with a
+    Positions: nanoGPT's learned table (wpe), or with config.rope rotary q and k (rotate above;
+    the table is then dropped). Computed by torch's scaled_dot_product_attention (flash /
+    memory-efficient kernels where available). Cost per layer: O(T^2 d) time; O(T d) memory with a
     fused kernel, O(T^2) with the math fallback. Decode state: a KV cache, O(T d).
     """
 
-    uses_absolute_positions = True
+    uses_absolute_positions = True  # unless config.rope: rotary q, k instead (see rotate)
+    supports_rope = True
     has_input_norm = False
 
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.n_head = config.n_head
+        self.rope = config.rope
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def _heads(self, x):
+    def _heads(self, x, pos0=0):
+        """q, k, v (B, H, T, d) of x at positions pos0.., q and k rotated when rope is on."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        return [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        if self.rope:
+            q, k = rotate(q, pos0), rotate(k, pos0)
+        return q, k, v
 
     def _out(self, y):
         B, H, T, D = y.shape
@@ -141,7 +162,7 @@ class DenseAttention(nn.Module):
         return self._out(F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True))
 
     def decode(self, x, state):
-        q, k, v = self._heads(x)
+        q, k, v = self._heads(x, 0 if state is None else state[0].shape[2])
         if state is not None:  # append the new keys/values to the cache
             k, v = torch.cat([state[0], k], dim=2), torch.cat([state[1], v], dim=2)
         t, S = q.shape[2], k.shape[2]
@@ -594,12 +615,13 @@ class KernelHashingAttention(DenseAttention):
     blocks (a leak from the future); here a query's block depends on itself and past keys only.
     With m >= s (every key sampled, weight 1) or s <= b the block equals exact attention.
 
-    Decision, by measurement (python diagnose.py, results/diagnose-long): strata of the hash order
-    spread the m samples over the buckets, so the keys outside a query's block are sampled in
-    proportion to each bucket's size rather than by chance; the kernels and the unbiasedness are
-    unchanged (the plan's sample indices differ). It lowers the error where the rest of the mass is
-    spread (trained q, k, v at T=4096, see the README); it does not help a missed heavy key or a
-    cluster larger than b, which need a better hash, not better samples.
+    Decision, by measurement (python diagnose.py; results/diagnose-long-abspos and diagnose-long):
+    strata of the hash order spread the m samples over the buckets, so the keys outside a query's
+    block are sampled in proportion to each bucket's size rather than by chance; the kernels and the
+    unbiasedness are unchanged (the plan's sample indices differ). At T=4096 with the long config's
+    budget it lowers the error on trained q, k, v from 0.277 to 0.198 where attention is spread over
+    ~2000 keys, and from 0.314 to 0.294 on a model that uses its context; it does not help a missed
+    heavy key (0.58 either way), which needs a better hash (several rounds), not better samples.
 
     Randomness: planes and samples are hashes of (seed, level, rectangle, batch row, head, key),
     the seed being (per-layer seed buffer, step buffer, DDP rank) in training -- the step counter
@@ -653,7 +675,7 @@ class KernelHashingAttention(DenseAttention):
         return self._out(y)
 
     def decode(self, x, state):
-        q, k, v = self._heads(x)
+        q, k, v = self._heads(x, 0 if state is None else state[0].shape[2])
         seed = kh_hash(self.seed, 0)  # the eval-mode estimate
         if state is None:  # a prefix: the full pass gives every position its estimate
             return self._out(kernel_hashing_attention(q, k, v, *self._knobs(), seed, backend=self.backend,
@@ -794,6 +816,7 @@ class AdaptiveSparseAttention(nn.Module):
         self.score_dim = config.as_score_dim
         self.window = config.as_window
         self.force_first = int(bool(config.as_force_first))  # 1: block 0 forced
+        self.rope = config.rope
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -813,7 +836,8 @@ class AdaptiveSparseAttention(nn.Module):
         self.last_selected = None  # last forward: (B, H, n_blocks, n_slots) kept candidate ids, -1 = none
         self.last_kept = None  # last forward: (B, H, n_blocks) number of kept candidates
 
-    _heads = DenseAttention._heads  # the same c_attn / c_proj head layout as dense
+    supports_rope = True
+    _heads = DenseAttention._heads  # the same c_attn / c_proj head layout as dense (and rotary q, k)
     _out = DenseAttention._out
 
     select_chunks, select_min_blocks = 4, 64  # query-block chunking of the (nq, nk) scores
@@ -858,9 +882,9 @@ class AdaptiveSparseAttention(nn.Module):
         a second decode from an already extended state copies it first), the means (qbar, kbar,
         vbar) of the complete blocks (each appended once, when its block completes) and the
         queries of the current partial block (fewer than as_block)."""
-        q, k, v = self._heads(x)
-        Bk = self.block
         q0 = 0 if state is None else state["len"]
+        q, k, v = self._heads(x, q0)
+        Bk = self.block
         S = q0 + q.shape[2]
         if state is None:
             buf, q_part, means = dict(k=k[:, :, :0], v=v[:, :, :0], filled=0), q[:, :, :0], [q[:, :, :0]] * 3
@@ -1112,7 +1136,12 @@ class GPT(nn.Module):
         if config.mlp_activation not in ACTIVATION:
             raise ValueError(f"unknown mlp_activation {config.mlp_activation!r}; valid: {', '.join(ACTIVATION)}")
         self.config = config
-        self.absolute_positions = ATTENTION[config.attention].uses_absolute_positions
+        block = ATTENTION[config.attention]
+        if config.rope and not getattr(block, "supports_rope", False):
+            raise ValueError(f"rope applies to blocks with dense-like q, k heads "
+                             f"({', '.join(n for n, c in ATTENTION.items() if getattr(c, 'supports_rope', False))}), "
+                             f"not {config.attention!r}")
+        self.absolute_positions = block.uses_absolute_positions and not config.rope
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
