@@ -4,6 +4,7 @@
 dataset = 'shakespeare_char'
 out_dir = 'out-long-dense'
 attention = 'dense'
+rope = True  # rotary q, k: with a learned 4096-row position table dense did not learn to use context in 400 steps
 eval_interval = 100; log_interval = 10
 always_save_checkpoint = False
 learning_rate = 2e-3; min_lr = 2e-4; beta2 = 0.99; warmup_iters = 50

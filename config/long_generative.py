@@ -4,3 +4,4 @@ import os; exec(open(os.path.join(os.path.dirname(__file__), 'long_dense.py')).r
 out_dir = 'out-long-generative'
 attention = 'generative-function'
 gf_fn = 'min'; gf_avg_context = False
+rope = False  # nanoGPT's wpe table, as the paper

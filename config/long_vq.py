@@ -9,3 +9,4 @@ vq_n_head = 1; vq_beta = 1e-4; vq_ema_decay = 0.99
 # dense's 524,288-parameter absolute position table, which vq does not have)
 vq_d_k = 64; vq_d_v_mult = 0.83
 vq_block_len = 64; vq_codebook_size = 128
+rope = False  # its own relative sinusoids
