@@ -50,3 +50,12 @@ def test_rope_is_rejected_where_there_are_no_dense_like_heads():
     for attention in ("vq", "generative-function"):
         with pytest.raises(ValueError, match="rope applies to"):
             GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=32, attention=attention, rope=True))
+
+
+@pytest.mark.parametrize("attention", list(BLOCKS))
+def test_rope_generation_runs_past_block_size_uncropped_and_the_cache_agrees(attention):
+    m = gpt(attention, T=32).eval()
+    start = torch.randint(0, 40, (1, 5), generator=torch.Generator().manual_seed(2))
+    a = m.generate(start, 40, temperature=0, use_cache=True)  # 45 tokens against block_size 32: no table to crop
+    b = m.generate(start, 40, temperature=0, use_cache=False)
+    assert a.shape == (1, 45) and torch.equal(a, b)
