@@ -38,12 +38,10 @@ error_vs_T.png and error_vs_budget.png into --report_dir. Bad input: one line, e
 """
 
 import argparse
-import csv
 import io
 import math
 import os
 import sys
-from dataclasses import fields
 
 import numpy as np
 import torch
@@ -102,12 +100,12 @@ def int_list(text, name):
 
 
 def load_checkpoint(out_dir):
-    from model import GPT, GPTConfig
+    from model import GPT, GPTConfig, model_config_keys
     try:
         ckpt = configurator.read_checkpoint(os.path.join(out_dir, "ckpt.pt"), need=("model", "model_args"))
     except configurator.ConfigError as e:
         raise DiagnoseError(str(e)) from None
-    known = {f.name for f in fields(GPTConfig)}
+    known = set(model_config_keys())
     try:
         model = GPT(GPTConfig(**{k: v for k, v in ckpt["model_args"].items() if k in known}))
         model.load_state_dict(ckpt["model"])
@@ -332,11 +330,9 @@ def read_knobs(path):
 # ----------------------------------------------------------------------------- report
 
 def write_csv(path, header, rows):
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    configurator.write_atomic(path, buf.getvalue())
+    """rows (lists in header order) through compare.write_csv, the project's one CSV writer."""
+    from compare import write_csv as write_dict_rows
+    write_dict_rows(path, [dict(zip(header, r)) for r in rows])
 
 
 def save_png(fig, path):
@@ -467,7 +463,7 @@ def run(args, argv):
     for name, ns, mean, half, split in summary:
         lines.append(f"| {name} | {ns[0]}..{ns[-1]} | {mean:.3f} ± {half:.3f} | {verdict(mean)} | {split['top1']:.3f} | "
                      f"{split['top8']:.3f} | {split['top64']:.3f} | {split['eff_keys']:.1f} |")
-    lines += ["", f"## 2. The estimate: relative output error against exact causal attention", "",
+    lines += ["", "## 2. The estimate: relative output error against exact causal attention", "",
               f"Over positions >= {min(kn[0] for _, (kn, _) in variants)} (the smallest chunk below, the same for every "
               f"column; a block is exact below its own chunk); ||o_hat - o|| / ||o|| per (window, head), averaged over "
               f"them and over {args.seeds} hash/sample draws. Benchmarked knobs from "
