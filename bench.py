@@ -524,7 +524,7 @@ def write_reports(rows, what, out_dir, argv, device):
     tables = markdown_tables(rows)
     cmd = command_line(argv)
     section = f"{tables}\n\nCommand: `{cmd}`\n\nMachine: {machine}\n"
-    shapes = sorted({bench_shape(n) for n in dict.fromkeys(r["attention"] for r in rows)})
+    shapes = sorted({bench_shape(r["attention"]) for r in rows})
     shape = "; ".join(f"n_embd={e}, n_head={h}" + (f", {nl} layers" if what != "block" else "") for e, h, nl in shapes)
     what_text = (f"one token-mixing block ({shape}, batch 1)" if what == "block" else
                  f"the full GPT ({shape}, vocab {VOCAB}, batch 1)")

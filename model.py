@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from kernels.adaptive_sparse import Scorer, adaptive_sparse_attention, block_means, n_slots
 from kernels.generative import causal_generative_function, gf_compare
-from kernels.kernel_hashing import kernel_hashing_attention, kernel_hashing_query, kh_hash, kh_levels
+from kernels.kernel_hashing import KH_SAMPLING, kernel_hashing_attention, kernel_hashing_query, kh_hash, kh_levels
 from kernels._triton import HAS_TRITON
 from kernels.vq import gau_dense_attention, rms_norm, straight_through, vq_attention, vq_cache_fold, vq_stream_chunk
 
@@ -647,7 +647,7 @@ class KernelHashingAttention(DenseAttention):
         assert 1 <= config.kh_hash_bits <= 16, "kh_hash_bits must be in 1..16"
         self.min_seq_len, self.bucket_block = config.kh_min_seq_len, config.kh_bucket_block
         self.samples, self.hash_bits = config.kh_samples, config.kh_hash_bits
-        assert config.kh_sampling in ("sorted-strata", "uniform"), "kh_sampling must be 'sorted-strata' or 'uniform'"
+        assert config.kh_sampling in KH_SAMPLING, f"kh_sampling must be one of {KH_SAMPLING}, got {config.kh_sampling!r}"
         self.sampling = config.kh_sampling
         self.backend = "auto"
         self.register_buffer("seed", torch.randint(0, 2**31 - 1, ()))  # per layer; saved in the state_dict

@@ -193,8 +193,6 @@ def main(argv):
         configurator.fail(str(e))
     if cfg["attention"] not in ATTENTION:
         configurator.fail(f"unknown attention {cfg['attention']!r}; valid: {', '.join(ATTENTION)}")
-    if cfg["kh_sampling"] not in ("sorted-strata", "uniform"):
-        configurator.fail(f"kh_sampling must be 'sorted-strata' or 'uniform', got {cfg['kh_sampling']!r}")
     if cfg["init_from"] not in ("scratch", "resume"):
         configurator.fail(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
 

@@ -40,6 +40,7 @@ from kernels._triton import HAS_TRITON, tl, triton
 
 # ------------------------------------------------------------------------------- reference (PyTorch)
 
+KH_SAMPLING = ("sorted-strata", "uniform")  # how a rectangle's samples are drawn (see _kh_plan)
 _KH_M32 = 0xFFFFFFFF
 _KH_GOLDEN = 0x9E3779B9
 
