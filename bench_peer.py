@@ -72,6 +72,8 @@ remat = False  # wrap the official scan in nn.remat, as its TransformerLayer is 
 seed = 0
 official = "/work/transformer_vq_src"  # checkout of transformer-vq/transformer_vq (its src/ is imported)
 out = "results/peer-vq"
+stream_len = 0  # ours: positions per piece of the no-grad forward (0 keeps VQGatedUnit.stream_len)
+chunks = ""  # ours only, no official code needed: time at these blocks per chunk of the CPU path (e.g. 1,2,8), write chunks.md
 mem_case = ""  # internal: 'ours|theirs,fwd|fwdbwd,T' runs one case and prints its peak memory
 
 AGREE = 1e-5  # relative error below which the two units agree (float32 rounding: about 1e-6 at T = 1024)
@@ -129,6 +131,8 @@ def build_ours(cfg):
                      vq_block_len=cfg["L"], vq_codebook_size=cfg["S"], vq_n_head=1, dropout=0.0,
                      vq_beta=cfg["beta"], attention="vq")
     unit = VQGatedUnit(conf)
+    if cfg["stream_len"]:
+        unit.stream_len = cfg["stream_len"]
     assert unit.dv == cfg["d_v"], "d_v = round(vq_d_v_mult * d_model) did not come back"
     with torch.no_grad():  # move the zero/one initialisations so the comparison sees them
         unit.ln_w.mul_(1 + 0.1 * torch.randn_like(unit.ln_w))
@@ -417,9 +421,66 @@ def write_report(cfg, argv, checks, rows):
     return [os.path.join(cfg["out"], n) for n in ("peer.md", "peer.csv")]
 
 
+def time_chunks(cfg, Ts, argv):
+    """Ours alone at each chunk length (blocks per chunk, G) of the CPU path, fwd and fwd+bwd, round-robin
+    over G, medians; writes <out>/chunks.md (the measurement behind kernels/vq.py's CACHE_BUILD_COST)."""
+    import torch
+
+    import bench
+    from kernels.vq import chunk_blocks_by_cost
+    Gs = _ints(cfg["chunks"])
+    unit = build_ours(cfg)
+    lines = ["# vq: time against the chunk length of the CPU path (ours only)", "",
+             f"Command: `{sys.executable} bench_peer.py " + " ".join(shlex.quote(a) for a in argv) + "`", "",
+             f"Unit: d_model {cfg['d_model']}, d_k {cfg['d_k']}, d_v {cfg['d_v']}, one head, L {cfg['L']}, "
+             f"S {cfg['S']}, batch {cfg['batch']}, float32; chunk_blocks_by_cost picks "
+             f"G = {chunk_blocks_by_cost(cfg['L'], cfg['S'], cfg['d_k'], cfg['d_v'])}.", "",
+             "Machine: " + "; ".join(f"{k} {v}" for k, v in bench.machine_facts("cpu").items()), "",
+             "| T | G (blocks per chunk) | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
+    for Tn in Ts:
+        g = torch.Generator().manual_seed(cfg["seed"])
+        x = torch.randn(cfg["batch"], Tn, cfg["d_model"], generator=g)
+        G_ = torch.randn(cfg["batch"], Tn, cfg["d_model"], generator=g)
+
+        def fwd():
+            unit.eval()
+            with torch.no_grad():
+                unit(x)
+
+        def fwdbwd():
+            unit.train()
+            unit.zero_grad(set_to_none=True)
+            y = unit(x.clone().requires_grad_(True))
+            ((y * G_).sum() + unit.aux_loss).backward()
+        times = {(G, m): [] for G in Gs for m in ("fwd", "fwd+bwd")}
+        for rep in range(cfg["warmup"] + cfg["repeats"]):
+            for (G, m), v in times.items():
+                unit.chunk_blocks = G
+                t0 = time.perf_counter()
+                (fwd if m == "fwd" else fwdbwd)()
+                if rep >= cfg["warmup"]:
+                    v.append((time.perf_counter() - t0) * 1e3)
+        for G in Gs:
+            lines.append(f"| {Tn} | {G} | {statistics.median(times[(G, 'fwd')]):.0f} | "
+                         f"{statistics.median(times[(G, 'fwd+bwd')]):.0f} |")
+            print(lines[-1], flush=True)
+    lines += ["", f"Medians of {cfg['repeats']} runs after {cfg['warmup']} warm-up, round-robin over G."]
+    os.makedirs(cfg["out"], exist_ok=True)
+    path = os.path.join(cfg["out"], "chunks.md")
+    configurator.write_atomic(path, "\n".join(lines) + "\n")
+    print("wrote " + path)
+
+
 def main(argv):
     configurator.help_if_asked(argv, DEFAULTS)
     cfg, Ts, checks = parse_args(argv)
+    if cfg["chunks"]:
+        sys.path.insert(0, HERE)
+        if cfg["threads"]:
+            import torch
+            torch.set_num_threads(cfg["threads"])
+        time_chunks(cfg, Ts, argv)
+        return
     why = missing_peer(cfg["official"])
     if why:
         print(f"bench_peer: skipped, missing {why}; set up with: " + SETUP.format(official=cfg["official"]))

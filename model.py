@@ -35,7 +35,8 @@ from kernels.adaptive_sparse import Scorer, adaptive_sparse_attention, block_mea
 from kernels.generative import causal_generative_function, gf_compare
 from kernels.kernel_hashing import KH_SAMPLING, kernel_hashing_attention, kernel_hashing_query, kh_hash, kh_levels
 from kernels._triton import HAS_TRITON
-from kernels.vq import gau_dense_attention, rms_norm, straight_through, vq_attention, vq_cache_fold, vq_stream_chunk
+from kernels.vq import (chunk_blocks_by_cost, gau_dense_attention, rms_norm, straight_through, vq_attention,
+                        vq_cache_fold)
 
 
 @dataclass
@@ -230,10 +231,12 @@ ATTENTION["dense"] = DenseAttention
 # Cost per layer, T tokens, d = d_k + d_v: time O(T (L + S) d), memory O(T d), no T x T tensor
 # in forward or backward. kernels/vq.py computes it block by block in Triton on CUDA (a query
 # scores 2L window keys and S codes; a cache per block, memory O(T d + (T/L) S d_v)) and chunk by
-# chunk in PyTorch elsewhere (chunks of about S / L blocks, a cache per chunk).
-# Without autograd in eval mode (evaluation, and decode's prefill) the CPU path streams: one chunk at a time is
-# projected, quantized and attended, carrying the block before it and the cache (N and value sums
-# per code), so its memory beyond x and y is O(C (L + C + S + d) + S d_v), independent of T.
+# chunk in PyTorch elsewhere (chunks of G blocks, G chosen by a cost model: 1 at the paper's knobs
+# and the long config's; a cache per chunk).
+# Without autograd in eval mode (evaluation, and decode's prefill) the CPU path streams: one piece
+# (stream_len positions, whole chunks) at a time is projected, quantized and attended, carrying the
+# block before it and the cache (N and value sums per code), so its memory beyond x and y is
+# O(P (L + C + S + d) + (P / C) S d_v) for pieces of P positions, independent of T.
 # Decode: O(1) state per layer (the current and previous block, N and the value sums per
 # code) and O(L + S) time per token, independent of the context length.
 #
@@ -294,6 +297,8 @@ class VQGatedUnit(nn.Module):
         self.c_proj = nn.Linear(dv, C, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.quantized = config.vq_quantize
+        self.stream_len = 2048  # positions per piece of the streaming forward (rounded to whole chunks)
+        self.chunk_blocks = None  # blocks per chunk of the CPU path; None: kernels.vq.chunk_blocks_by_cost
         self.aux_loss = None
         self.step_pending = False
         if not self.quantized:  # the dense-GAU ablation keeps no codebook
@@ -329,9 +334,9 @@ class VQGatedUnit(nn.Module):
     def quantize(self, k):
         """Codes z (B, H, T), straight-through quantized keys and the per-token squared errors."""
         c = self.codebook()
-        with torch.no_grad():
-            d2 = (k * k).sum(-1, keepdim=True) - 2 * k @ c.transpose(-1, -2) + (c * c).sum(-1)[:, None, :]
-            z = d2.argmin(-1)
+        with torch.no_grad():  # argmin of |c|^2 - 2 k . c (|k|^2 is the same for every code): one product
+            ext = torch.cat([-2 * c, (c * c).sum(-1, keepdim=True)], -1).to(k.dtype)
+            z = (torch.cat([k, k.new_ones(*k.shape[:-1], 1)], -1) @ ext.transpose(-1, -2)).argmin(-1)
         cz = c[torch.arange(self.H, device=k.device)[None, :, None], z]  # (B, H, T, d_k)
         err = (k - cz).pow(2).sum(-1)
         return z, straight_through(k, cz), err
@@ -390,49 +395,51 @@ class VQGatedUnit(nn.Module):
             zz = z.transpose(0, 1).reshape(self.H, -1)
             self.last_counts.zero_().scatter_add_(1, zz, torch.ones_like(zz, dtype=self.last_counts.dtype))
         bias = self._window_bias(q, self._rel(x.device))
-        o = vq_attention(self._content_q(q), k_hat, z, v, self.codebook(), self.L, bias)
+        o = vq_attention(self._content_q(q), k_hat, z, v, self.codebook(), self.L, bias, self.chunk_blocks)
         if self.training:  # the codebook moves only in commit_codebook_update, once per optimizer step
             self.accumulate_codebook_stats(k, z)
         return self._out(o, g)
 
     @torch.no_grad()
     def _stream(self, x, keep_state=False):
-        """The forward without autograd, chunk by chunk (chunks of max(1, S // L) blocks, as the CPU
-        path's): project, quantize and attend one chunk at a time, carrying the block before it and the
-        cache counts and value sums. Extra memory O(C (L + C + S + d) + S d_v), independent of T.
-        Same result, last_counts and last_commit as the training forward. keep_state: also return
-        decode's state after x (the prefill)."""
+        """The forward without autograd, piece by piece (stream_len positions, whole chunks of the
+        CPU path's chunk_blocks_by_cost blocks): project, quantize and attend one piece at a time, carrying
+        the block before it and the cache counts and value sums. Extra memory O(P (L + C + S + d) +
+        (P / C) S d_v) for pieces of P positions, independent of T. Same result, last_counts and
+        last_commit as the training forward. keep_state: also return decode's state after x (the
+        prefill)."""
         B, T, _ = x.shape
         H, L, S = self.H, self.L, self.S
-        C = max(1, S // L) * L
+        G = self.chunk_blocks or chunk_blocks_by_cost(L, S, self.dk, self.dv // H, min(T, self.stream_len))
+        P = max(1, self.stream_len // (G * L)) * G * L
         rel, cb = self._rel(x.device), self.codebook()
         prev = counts = sums = None
         y, commit = None, 0.0
         self.last_counts.zero_()
-        for s0 in range(0, T, C):
-            q, k, v, g = self._project(x[:, s0:s0 + C])
+        for s0 in range(0, T, P):
+            q, k, v, g = self._project(x[:, s0:s0 + P])
             z, k_hat, err = self.quantize(k)
             if counts is None:  # the cache in the values' dtype (float32 at least), as the training path's
                 counts, sums = v.new_zeros(B, H, S), v.new_zeros(B, H, S, v.shape[-1])
             commit = commit + err.sum()
             self.last_counts.scatter_add_(1, z.transpose(0, 1).reshape(H, -1),
                                           torch.ones(H, z.numel() // H, device=x.device, dtype=self.last_counts.dtype))
-            pk, pv = (k_hat[:, :, :0], v[:, :, :0]) if prev is None else prev[:2]
-            o = vq_stream_chunk(self._content_q(q), k_hat, v, self._window_bias(q, rel), cb, L, pk, pv, counts, sums)
+            carry = None if prev is None else (counts, sums, *prev)
+            o = vq_attention(self._content_q(q), k_hat, z, v, cb, L, self._window_bias(q, rel), G, carry)
             out = self._out(o, g)
             if y is None:
                 y = out.new_empty(B, T, out.shape[-1])
-            y[:, s0:s0 + C] = out
-            if s0 + C < T:  # the keys before the next chunk's previous block enter the cache
+            y[:, s0:s0 + P] = out
+            if s0 + P < T:  # the keys before the next piece's previous block enter the cache
                 if prev is not None:
                     vq_cache_fold(counts, sums, prev[2], prev[1])
-                vq_cache_fold(counts, sums, z[:, :, :C - L], v[:, :, :C - L])
-                prev = (k_hat[:, :, C - L:], v[:, :, C - L:], z[:, :, C - L:])
+                vq_cache_fold(counts, sums, z[:, :, :P - L], v[:, :, :P - L])
+                prev = (k_hat[:, :, P - L:], v[:, :, P - L:], z[:, :, P - L:])
         self.last_commit = self.beta * commit / (B * T)
         self.aux_loss = None
         if not keep_state:
             return y
-        # decode's window starts at w0; the kept keys (block before the last chunk, the last chunk) start at p0
+        # decode's window starts at w0; the kept keys (block before the last piece, the last piece) start at p0
         pk, pv, pz = prev if prev is not None else (k_hat[:, :, :0], v[:, :, :0], z[:, :, :0])
         p0, w0 = s0 - pk.shape[2], max(0, (T // L - 1) * L)
         wk, wv, wz = torch.cat([pk, k_hat], 2), torch.cat([pv, v], 2), torch.cat([pz, z], 2)

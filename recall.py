@@ -110,6 +110,15 @@ def accuracy(model, x, y, batch):
     return hit / total
 
 
+def context_guess(x, n):
+    """Expected accuracy of answering every query with a value drawn uniformly from the distinct values
+    stored in its sequence's pairs: what a model reaches that has learned which tokens are values, but
+    not which key each belongs to (accuracy near 1/pairs). x: inputs of one test set with n pairs."""
+    vals = np.sort(x[:, 1:2 * n:2], axis=1)
+    distinct = 1 + (np.diff(vals, axis=1) != 0).sum(1)
+    return float(np.mean(1.0 / distinct))
+
+
 def lr_at(it, o):
     """Linear warmup, then cosine decay to a tenth of the peak at the last step."""
     peak, warm = o["learning_rate"], o["warmup_iters"]
@@ -150,7 +159,7 @@ def train_one(name, T_, o, test_sets):
     return rows
 
 
-def plot(rows, lengths, path, chance):
+def plot(rows, lengths, path, chance, guess):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -161,6 +170,8 @@ def plot(rows, lengths, path, chance):
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.axhline(chance, color="gray", ls=":", label="chance")
+        pts = sorted((n, g) for (t, n), g in guess.items() if t == T_)
+        ax.plot(*zip(*pts), color="gray", ls="--", label="guess among the stored values")
         ax.set(title=f"MQAR recall, T={T_}", xlabel="key-value pairs", ylabel="accuracy", ylim=(-0.02, 1.02))
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=8)
@@ -196,11 +207,12 @@ def main(argv):
     if o["threads"]:
         torch.set_num_threads(o["threads"])
     os.makedirs(o["out"], exist_ok=True)
-    rows, t_all = [], time.perf_counter()
+    rows, guess, t_all = [], {}, time.perf_counter()
     for T_ in lengths:
         test_rng = np.random.default_rng(10_000 + T_)  # one fixed test set per (T, pairs), shared by every block
         test_sets = {n: mqar_batch(test_rng, o["test_examples"], T_, n, o["n_keys"], o["n_values"])
                      for n in tests if 4 * n <= T_}
+        guess.update({(T_, n): context_guess(x, n) for n, (x, _) in test_sets.items()})
         for name in names:
             new = train_one(name, T_, o, test_sets)
             rows += new
@@ -209,7 +221,9 @@ def main(argv):
                   "accuracy:", ", ".join(f"{r['pairs']} pairs {r['accuracy']:.3f}" for r in new), flush=True)
     minutes = (time.perf_counter() - t_all) / 60
     chance = 1.0 / o["n_values"]
-    compare.write_csv(os.path.join(o["out"], "recall.csv"), rows)
+    compare.write_csv(os.path.join(o["out"], "recall.csv"),
+                      rows + [dict(attention="guess among the stored values", T=t, pairs=n, accuracy=g)
+                              for (t, n), g in guess.items()])
     facts = ", ".join(f"{k}: {v}" for k, v in bench.machine_facts("cpu").items())
     lines = [f"MQAR accuracy (fraction of queries answered with the stored value; chance {chance:.4f}). "
              f"Command: `python recall.py {' '.join(argv)}`; {minutes:.1f} minutes in all.", "",
@@ -226,9 +240,11 @@ def main(argv):
             any_r = next(iter(r.values()))
             lines.append(f"| {name} | " + " | ".join(f"{r[n]['accuracy']:.3f}" for n in cols)
                          + f" | {any_r['ms_per_iter']} | {any_r['params']} |")
-        lines.append("")
+        lines += ["| guess among the stored values | " + " | ".join(f"{guess[(T_, n)]:.3f}" for n in cols) + " | - | - |",
+                  "", "A block at the guessing row has learned which tokens are values, not which key each belongs "
+                  "to; recall is accuracy above it.", ""]
     configurator.write_atomic(os.path.join(o["out"], "recall.md"), "\n".join(lines))
-    plot(rows, lengths, os.path.join(o["out"], "recall.png"), chance)
+    plot(rows, lengths, os.path.join(o["out"], "recall.png"), chance, guess)
     print("\n".join(lines))
     print(f"wrote {o['out']}/recall.md, recall.csv, recall.png ({datetime.datetime.now():%H:%M})")
 

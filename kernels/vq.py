@@ -4,8 +4,9 @@
                          block (what the Triton kernels compute); straight_through, the quantizer's STE
     CPU-fast path        vq_chunk_attention_torch: chunk by chunk (G blocks), a cache per chunk; rms_norm
     entry point          vq_attention: the Triton kernels on CUDA, the chunked path elsewhere
-    streaming (no grad)  vq_stream_chunk + vq_cache_fold: one chunk against the block before it and a
-                         running cache (counts, value sums): memory independent of T (eval, prefill)
+    streaming (no grad)  vq_attention with a carry + vq_cache_fold: one piece at a time through the
+                         chunked path, after the block before it and a running cache (counts, value
+                         sums): memory independent of T (eval, prefill)
     dense-GAU ablation   gau_dense_attention: exact causal attention over unquantized keys with the
                          same position terms (vq_quantize=False), a plain masked softmax, O(T^2)
     Triton kernels       vq_block_attention (VQBlockAttention): forward and backward, below
@@ -196,6 +197,23 @@ def _cache(z, v, first, R, S):
     return counts, sums.view(B, H, R, S, dv)
 
 
+_WINDOW_INDEX = {}
+
+
+def _window_index(t, p, L, device):
+    """(t, p + t) column of the padded bias table for query i and key j (queries at the last t of
+    p + t key positions): the distance d = p + i - j when 0 <= d <= L, L + 1 (zero: no position
+    term) beyond the window, L + 2 (-inf) for a future key. Kept per shape (few: whole chunks and
+    one partial one)."""
+    key = (t, p, L, str(device))
+    if key not in _WINDOW_INDEX:
+        d = p + torch.arange(t, device=device)[:, None] - torch.arange(p + t, device=device)[None, :]
+        _WINDOW_INDEX[key] = torch.where(d < 0, L + 2, torch.where(d > L, L + 1, d))
+        if len(_WINDOW_INDEX) > 64:
+            _WINDOW_INDEX.pop(next(iter(_WINDOW_INDEX)))
+    return _WINDOW_INDEX[key]
+
+
 def _chunk_scores(x, y, L, before_first):
     """s = x [y_before | y_chunk]^T per chunk: x, y (B, H, n, C, d) -> (B, H, n, C, L+C), where
     y_before is the last block of the previous chunk; before_first fills the first chunk's."""
@@ -262,7 +280,7 @@ class _ChunkMix(torch.autograd.Function):
         return _chunk_scores(do, v, ctx.L, 0.0), _chunk_mix_t(a, do, ctx.L), None
 
 
-def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G):
+def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G, carry=None):
     """Block-wise VQ attention computed chunk by chunk, the CPU path: the same result as
     vq_block_attention_torch over vq_compressive_cache(z, v, S, L), with no per-block cache.
     A chunk is G blocks, C = G L positions. Its queries attend key by key, with logits
@@ -272,7 +290,12 @@ def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G):
     (counts and value sums by cumulative sums over chunks): (T/C) S d_v floats instead of
     (T/L) S d_v, for (L + C) keys per query instead of 2L. G = 1 is the block-wise form.
     k must hold the quantized keys (values equal to the codewords of z), as VQGatedUnit's do.
-    q, k, v (B, H, n*C, .), z (B, H, n*C), bias (B, H, n*C, L+1) or None. Returns (B, H, n*C, d_v)."""
+    q, k, v (B, H, n*C, .), z (B, H, n*C), bias (B, H, n*C, L+1) or None. Returns (B, H, n*C, d_v).
+    carry (no autograd; the streaming forward): the positions start at a block boundary after
+    earlier ones, given as (counts (B, H, S), value sums (B, H, S, d_v)) of every key before the
+    last block preceding them, and that block's quantized keys, values and codes (B, H, L, .)."""
+    if carry is not None or not torch.is_grad_enabled():
+        return _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry)
     B, H, Tp, dk = q.shape
     C, S, dv = G * L, codebook.shape[1], v.shape[-1]
     n = Tp // C
@@ -282,34 +305,112 @@ def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G):
     s_cache = (q @ codebook.transpose(-1, -2)).view(B, H, n, C, S) + logn.unsqueeze(3)
     vc = v.view(B, H, n, C, dv)
     s_keys = _ChunkLogits.apply(q.view(B, H, n, C, dk), k.view(B, H, n, C, dk), L)  # (B, H, n, C, L+C)
-    dist = torch.arange(C, device=q.device)[:, None] + L - torch.arange(L + C, device=q.device)
-    if bias is not None:  # bias[p, d] belongs at column L + p - d: a skewed copy of the flipped bias
-        skew = F.pad(bias.view(B, H, n, C, L + 1).flip(-1), (0, C)).view(B, H, n, C * (L + C + 1))
-        s_keys = s_keys + skew[..., :C * (L + C)].view(B, H, n, C, L + C)
-    s_keys = s_keys.masked_fill(dist < 0, float("-inf"))
+    if bias is None:
+        bias = q.new_zeros(B, H, Tp, L + 1)
+    # bias[p, d] belongs at column L + p - d, zero beyond the window, -inf for a later key: gathered
+    # in one step from a padded copy of the bias (the causal mask comes with it)
+    table = torch.cat([bias.view(B, H, n, C, L + 1), bias.new_zeros(B, H, n, C, 1),
+                       bias.new_full((B, H, n, C, 1), float("-inf"))], -1)
+    s_keys = s_keys + torch.gather(table, -1, _window_index(C, L, L, q.device).expand(B, H, n, C, L + C))
     a = torch.softmax(torch.cat([s_cache, s_keys], dim=-1), dim=-1)
     a_cache, a_keys = a.split([S, L + C], dim=-1)
     o = _ChunkMix.apply(a_keys, vc, L) + (a_cache / counts.clamp(min=1).unsqueeze(3)) @ sums
     return o.view(B, H, Tp, dv)
 
 
+@torch.no_grad()
+def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
+    """vq_chunk_attention_torch without autograd (evaluation, the streaming forward), in fewer passes
+    over memory: per chunk one key matrix [codewords | block before | chunk] and one value matrix
+    [U / N | block before | chunk] (W = S + L + C rows), so one product makes the logits, one softmax
+    normalises them and one product makes the output. The chunk caches are built in the value
+    matrices: chunk c's U adds to chunk c-1's the first C positions of c-1's window (its block
+    before and all but its last block). Same arguments and result."""
+    B, H, Tp, dk = q.shape
+    C, S, dv = G * L, codebook.shape[1], v.shape[-1]
+    n, W = Tp // C, codebook.shape[1] + L + G * L
+    kc, vc, zc = k.view(B, H, n, C, dk), v.view(B, H, n, C, dv), z.view(B, H, n, C)
+    K, V = q.new_empty(B, H, n, W, dk), v.new_empty(B, H, n, W, dv)
+    Z, seen = z.new_zeros(B, H, n, L + C), v.new_ones(B, H, n, L + C)
+    K[..., :S, :] = codebook.to(q.dtype)[None, :, None]
+    for X, x in ((K, kc), (V, vc)):
+        X[..., S + L:, :] = x
+        X[:, :, 1:, S:S + L] = x[:, :, :-1, C - L:]
+    Z[..., L:] = zc
+    Z[:, :, 1:, :L] = zc[:, :, :-1, C - L:]
+    counts = v.new_zeros(B, H, n, S)
+    if carry is None:
+        K[:, :, 0, S:S + L] = 0
+        V[:, :, 0, :S + L] = 0
+        seen[:, :, 0, :L] = 0  # no block before the first chunk: it enters no cache
+    else:
+        counts0, sums0, pk, pv, pz = carry
+        K[:, :, 0, S:S + L], V[:, :, 0, S:S + L], Z[:, :, 0, :L] = pk, pv, pz
+        counts[:, :, 0], V[:, :, 0, :S] = counts0, sums0
+    # the cache of chunk c >= 1: chunk c-1's, plus the first C positions of chunk c-1's window
+    U = V[..., :S, :]
+    if n > 1:
+        counts[:, :, 1:].scatter_add_(3, Z[:, :, :-1, :C], seen[:, :, :-1, :C])
+        U[:, :, 1:] = 0
+        U[:, :, 1:].scatter_add_(3, Z[:, :, :-1, :C, None].expand(-1, -1, -1, -1, dv), V[:, :, :-1, S:S + C])
+        for c in range(1, n):
+            counts[:, :, c] += counts[:, :, c - 1]
+            U[:, :, c] += U[:, :, c - 1]
+    logits = q.view(B, H, n, C, dk) @ K.transpose(-1, -2)  # (B, H, n, C, W)
+    logits[..., :S] += torch.where(counts > 0, counts.clamp(min=1).log(), float("-inf")).unsqueeze(3)
+    if bias is None:
+        bias = q.new_zeros(B, H, Tp, L + 1)
+    table = torch.cat([bias.view(B, H, n, C, L + 1), bias.new_zeros(B, H, n, C, 1),
+                       bias.new_full((B, H, n, C, 1), float("-inf"))], -1)
+    logits[..., S:] += torch.gather(table, -1, _window_index(C, L, L, q.device).expand(B, H, n, C, L + C))
+    if carry is None:
+        logits[:, :, 0, :, S:S + L] = float("-inf")
+    U /= counts.clamp(min=1).unsqueeze(-1)
+    return (torch.softmax(logits, dim=-1) @ V).view(B, H, Tp, dv)
+
+
 # ------------------------------------------------------------------------------- entry point
 
-def vq_attention(q, k_hat, z, v, codebook, L, bias=None, chunk_blocks=None):
+# Cost of one cached value per chunk (building the chunk's cache: scatter, scan, copies, the division
+# by the counts, and their backward), in units of one attention multiply-add: fitted to this CPU's
+# fwd+bwd times of the paper's unit with L 16 at 8k (G = 1, 2, 8: 1271, 770, 435 ms; where the cache
+# and attention terms trade off); mostly memory traffic. Checked by bench_peer.py --chunks
+# (results/peer-vq/chunks-*): the pick is the fastest G measured at L 256 and at the long config's
+# L 64, S 128, and within 11% of it at L 16.
+CACHE_BUILD_COST = 80
+
+
+def chunk_blocks_by_cost(L, S, dk, dv, T=None):
+    """Blocks per chunk of the CPU path, G, minimising its cost per query: attention over
+    L + G L keys and S codes, (L + G L + S)(d_k + d_v), plus a share of its chunk's cache,
+    CACHE_BUILD_COST S d_v / (G L), times the padding of T to whole chunks (T None: no padding).
+    Without padding the minimum is near G = sqrt(CACHE_BUILD_COST S d_v / (L^2 (d_k + d_v))):
+    1 (the block-wise form) unless blocks are short against the codebook (the paper's unit,
+    L 256, S 512, and the long config, L 64, S 128: 1; L 16, S 512: 11)."""
+    g = (CACHE_BUILD_COST * S * dv / (L * L * (dk + dv))) ** 0.5
+    top = int(2 * g) + 2 if T is None else min(-(-T // L), int(2 * g) + 2)
+
+    def cost(G):
+        pad = 1.0 if T is None else -(-T // (G * L)) * G * L / T
+        return ((L + G * L + S) * (dk + dv) + CACHE_BUILD_COST * S * dv / (G * L)) * pad
+    return min(range(1, max(1, top) + 1), key=cost)
+
+
+def vq_attention(q, k_hat, z, v, codebook, L, bias=None, chunk_blocks=None, carry=None):
     """Transformer-VQ attention of (B, H, T, .) queries, quantized keys k_hat with codes z,
     and values; codebook (H, S, d_k); optional window bias (B, H, T, L+1) for distances 0..L.
     Runs the Triton kernels on CUDA (block-wise), the chunked PyTorch path otherwise, with
-    chunks of chunk_blocks blocks (default: about S / L, so a chunk's keys cost about what
-    its cache costs). T is padded to a whole number of chunks; padding sits after every real
-    query, so it is never attended to."""
+    chunks of chunk_blocks blocks (default: chunk_blocks_by_cost). T is padded to a whole number of chunks; padding sits after every real
+    query, so it is never attended to. carry (the streaming forward, no autograd, chunked path
+    only): what the positions before these contribute, as vq_chunk_attention_torch takes it."""
     T = q.shape[2]
     if torch.is_autocast_enabled(q.device.type):  # computed in float32, as the Triton kernels do
         with torch.autocast(q.device.type, enabled=False):
             f32 = (t if t is None else t.float() for t in (q, k_hat, v, codebook, bias))
             q32, k32, v32, c32, b32 = f32
-            return vq_attention(q32, k32, z, v32, c32, L, b32, chunk_blocks)
-    cuda = q.is_cuda and HAS_TRITON
-    G = 1 if cuda else chunk_blocks or max(1, min(codebook.shape[1] // L, -(-T // L)))
+            return vq_attention(q32, k32, z, v32, c32, L, b32, chunk_blocks, carry)
+    cuda = q.is_cuda and HAS_TRITON and carry is None
+    G = 1 if cuda else chunk_blocks or chunk_blocks_by_cost(L, codebook.shape[1], q.shape[-1], v.shape[-1], T)
     pad = -T % (G * L)
     if pad:
         q, k_hat, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k_hat, v))
@@ -321,35 +422,8 @@ def vq_attention(q, k_hat, z, v, codebook, L, bias=None, chunk_blocks=None):
             bias = q.new_zeros(*q.shape[:3], L + 1)
         o = vq_block_attention(q, k_hat, v, bias, codebook, counts, sums, L)
     else:
-        o = vq_chunk_attention_torch(q, k_hat, z, v, bias, codebook, L, G)
+        o = vq_chunk_attention_torch(q, k_hat, z, v, bias, codebook, L, G, carry)
     return o[:, :, :T]
-
-
-# ------------------------------------------------------------------------------- streaming forward (no grad)
-
-def vq_stream_chunk(q, k_hat, v, bias, codebook, L, prev_k, prev_v, counts, sums):
-    """One chunk of the streaming forward (no autograd; VQGatedUnit under torch.no_grad in eval):
-    the c queries q (B, H, c, d_k) of a chunk (whole blocks from a block start, the last one may be
-    partial) attend key by key to prev_k, prev_v (B, H, p, .), the block before the chunk (p = L,
-    or 0 for the first chunk), and to the chunk's own keys k_hat and values v; every older key is
-    in counts N (B, H, S) and value sums U (B, H, S, d_v). bias (B, H, c, L+1) or None. The same
-    logits as vq_chunk_attention_torch, so the same result; memory O(c (L + c + S + d)), none of it
-    growing with the position of the chunk. Returns o (B, H, c, d_v)."""
-    if torch.is_autocast_enabled(q.device.type):  # float32, as vq_attention
-        with torch.autocast(q.device.type, enabled=False):
-            return vq_stream_chunk(q.float(), k_hat.float(), v.float(), None if bias is None else bias.float(),
-                                   codebook.float(), L, prev_k, prev_v, counts, sums)
-    kw, vw = torch.cat([prev_k, k_hat], 2), torch.cat([prev_v, v], 2)
-    t, n, S = q.shape[2], kw.shape[2], codebook.shape[1]
-    s_keys = q @ kw.transpose(-1, -2)
-    if bias is not None:
-        s_keys += _band(bias, n, L)
-    causal = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(n - t)
-    s_keys.masked_fill_(~causal, float("-inf"))
-    logn = torch.where(counts > 0, counts.clamp(min=1).log(), torch.full_like(counts, float("-inf")))
-    s_cache = q @ codebook.transpose(-1, -2) + logn.unsqueeze(2)
-    a = torch.softmax(torch.cat([s_cache, s_keys], dim=-1), dim=-1)
-    return a[..., S:] @ vw + (a[..., :S] / counts.clamp(min=1).unsqueeze(2)) @ sums
 
 
 def vq_cache_fold(counts, sums, z, v):

@@ -112,12 +112,23 @@ def test_mqar_queries_ask_for_the_stored_value(T, n):
         recall.mqar_batch(rng, 1, 31, 8, 128, 128)
 
 
+@pytest.mark.parametrize("n,n_values", [(8, 128), (4, 5), (16, 3)])
+def test_context_guess_is_one_over_the_distinct_stored_values(n, n_values):
+    """The guessing floor: mean over sequences of 1 / (distinct values among its pairs), counted here
+    with a set per sequence; near 1/n when values rarely repeat, above it when they do."""
+    x, _ = recall.mqar_batch(np.random.default_rng(n), 64, 4 * n + 8, n, n_keys=32, n_values=n_values)
+    want = np.mean([1 / len(set(row[1:2 * n:2])) for row in x])
+    assert recall.context_guess(x, n) == pytest.approx(want, rel=1e-12)
+    assert recall.context_guess(x, n) >= 1 / n
+
+
 def test_recall_runs_end_to_end_and_rejects_bad_input(tmp_path):
     r = run(["recall.py", "--attention=dense,generative-function", "--T=32", "--pairs=2,8", "--train_pairs=2,4",
              "--iters=3", "--test_examples=8", "--tokens_per_iter=128", "--n_layer=1", f"--out={tmp_path}"], timeout=300)
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
     rows = open(tmp_path / "recall.csv").read().splitlines()
-    assert len(rows) == 1 + 2 * 2 and (tmp_path / "recall.png").exists() and (tmp_path / "recall.md").exists()
+    assert len(rows) == 1 + 2 * 2 + 2 and (tmp_path / "recall.png").exists() and (tmp_path / "recall.md").exists()
+    assert sum(r.startswith("guess among the stored values,32,") for r in rows) == 2  # one per pair count
     for bad, msg in ((["--pairs=40", "--T=32"], "pair count 40"), (["--attention=nope"], "unknown attention"),
                      (["--iters=0"], "iters")):
         r = run(["recall.py", *bad, f"--out={tmp_path}"], timeout=120)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, assert_causal, rel_err
-from kernels.vq import (_scan, gau_dense_attention, rms_norm, vq_attention, vq_block_attention_torch,
-                        vq_chunk_attention_torch, vq_compressive_cache)
+from kernels.vq import (_scan, chunk_blocks_by_cost, gau_dense_attention, rms_norm, vq_attention, vq_block_attention_torch,
+                        vq_cache_fold, vq_chunk_attention_torch, vq_compressive_cache)
 from model import GPT, GPTConfig, VQGatedUnit
 
 
@@ -401,13 +401,17 @@ def _stream_unit(**kw):
     return unit
 
 
-@pytest.mark.parametrize("H, L, S, T", [(1, 4, 12, 1), (1, 4, 12, 11), (1, 4, 12, 12), (2, 4, 12, 37),
-                                        (1, 4, 12, 60), (2, 8, 16, 45), (1, 8, 4, 29)])
-def test_streaming_forward_equals_training_forward(H, L, S, T):
-    """Under no_grad in eval the unit streams chunks of max(1, S // L) blocks (C = 12, 16 or 8
-    positions here; T with a partial last chunk and block); float64, the same output as the
-    autograd forward, and the same diagnostics."""
+@pytest.mark.parametrize("H, L, S, T, pieces", [(1, 4, 12, 1, 1), (1, 4, 12, 11, 1), (1, 4, 12, 12, 1),
+                                                (2, 4, 12, 37, 1), (1, 4, 12, 60, 1), (2, 8, 16, 45, 1),
+                                                (1, 8, 4, 29, 1), (2, 4, 12, 37, 2), (1, 4, 12, 60, 3),
+                                                (1, 8, 4, 29, 2), (2, 4, 8, 61, 4)])
+def test_streaming_forward_equals_training_forward(H, L, S, T, pieces):
+    """Under no_grad in eval the unit streams pieces of `pieces` chunks of the CPU path (T with a
+    partial last piece, chunk and block); float64, the same output as the autograd forward, and the
+    same diagnostics."""
     unit = _stream_unit(vq_n_head=H, vq_block_len=L, vq_codebook_size=S)
+    C = chunk_blocks_by_cost(L, S, unit.dk, unit.dv // H) * L
+    unit.stream_len = pieces * C
     x = torch.randn(2, T, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     want = unit(x.requires_grad_(True)).detach()  # autograd on: the training (chunked) path
     counts, commit = unit.last_counts.clone(), unit.last_commit.clone()
@@ -416,8 +420,8 @@ def test_streaming_forward_equals_training_forward(H, L, S, T):
     unit._project = lambda x_: seen.append(x_.shape[1]) or project(x_)
     with torch.no_grad():
         got = unit(x.detach())
-    C = max(1, S // L) * L
-    assert seen == [min(C, T - s0) for s0 in range(0, T, C)]  # it streamed, one chunk at a time
+    P = pieces * C
+    assert seen == [min(P, T - s0) for s0 in range(0, T, P)]  # it streamed, one piece at a time
     assert rel_err(got, want) < 1e-12
     assert torch.equal(unit.last_counts, counts)
     assert torch.allclose(unit.last_commit, commit, rtol=1e-12, atol=0)
@@ -495,6 +499,50 @@ def test_chunked_path_equals_block_wise_path(B, H, T, L, S, G):
         assert rel_err(g, gr) < 1e-10, name
 
 
+@pytest.mark.parametrize("T", [None, 64, 100, 8192])
+@pytest.mark.parametrize("L,S,dk,dv", [(256, 512, 128, 512), (16, 512, 128, 512), (64, 128, 64, 106),
+                                        (4, 12, 8, 16), (2, 256, 16, 64), (8, 1024, 32, 256), (16, 64, 128, 128)])
+def test_chunk_length_minimises_the_stated_cost(L, S, dk, dv, T):
+    """chunk_blocks_by_cost returns the G minimising its cost model (with T's padding to whole
+    chunks) over every G up to S, or up to T's block count."""
+    from kernels.vq import CACHE_BUILD_COST as k
+    top = S if T is None else -(-T // L)
+    pad = [1.0 if T is None else -(-T // (G * L)) * G * L / T for G in range(1, top + 1)]
+    cost = [((L + G * L + S) * (dk + dv) + k * S * dv / (G * L)) * p for G, p in zip(range(1, top + 1), pad)]
+    G = chunk_blocks_by_cost(L, S, dk, dv, T)
+    assert 1 <= G <= top and cost[G - 1] == pytest.approx(min(cost), rel=1e-12)
+
+
+@pytest.mark.parametrize("G", [1, 2, 3])
+@pytest.mark.parametrize("T,L,S,P", [(50, 8, 24, 16), (97, 12, 40, 36), (37, 4, 5, 8), (41, 8, 7, 8)])
+def test_no_grad_path_whole_and_in_pieces_with_carry_equals_dense_reference(T, L, S, G, P):
+    """Without autograd the chunked path takes its one-product form; run on the whole sequence and
+    in pieces of P positions (whole blocks, not whole chunks: each piece is padded), each carrying
+    the counts and value sums of the keys before the previous block and that block, as the
+    streaming forward does. Both equal the dense reference (float64, odd sizes, partial last piece)."""
+    B, H = 2, 2
+    q, k_hat, z, v, codebook = quantized_inputs(B, H, T, S, 12, 10, seed=T + P)
+    bias = torch.randn(B, H, T, L + 1, dtype=torch.float64)
+    ref = dense_reference(q, k_hat, v, L, bias)
+    with torch.no_grad():
+        whole = vq_attention(q, k_hat, z, v, codebook, L, bias, chunk_blocks=G)
+        counts, sums = torch.zeros(B, H, S, dtype=v.dtype), torch.zeros(B, H, S, 10, dtype=v.dtype)
+        prev, pieces = None, []
+        for s0 in range(0, T, P):
+            cut = slice(s0, s0 + P)
+            carry = None if prev is None else (counts, sums, *prev)
+            pieces.append(vq_attention(q[:, :, cut], k_hat[:, :, cut], z[:, :, cut], v[:, :, cut], codebook, L,
+                                       bias[:, :, cut], G, carry))
+            if s0 + P < T:
+                if prev is not None:
+                    vq_cache_fold(counts, sums, prev[2], prev[1])
+                vq_cache_fold(counts, sums, z[:, :, s0:s0 + P - L], v[:, :, s0:s0 + P - L])
+                prev = tuple(t[:, :, s0 + P - L:s0 + P] for t in (k_hat, v, z))
+    assert rel_err(whole, ref) < 1e-10
+    assert rel_err(torch.cat(pieces, 2), ref) < 1e-10
+    assert prev is not None or T <= P  # the carry was used
+
+
 def test_pytorch_path_under_bf16_autocast():
     """bfloat16 autocast (a CUDA machine without Triton, or CPU): the PyTorch path computes in float32,
     as the kernels do, so forward and backward run and equal float32 on the same bf16-rounded inputs."""
@@ -552,11 +600,14 @@ def test_decode_state_equals_full_forward(kw):
             assert unit_state["k"].shape[2] == t + 1
 
 
+@pytest.mark.parametrize("stream_len", [8, 16])
 @pytest.mark.parametrize("P", [1, 3, 4, 8, 9, 13, 16, 21])
-def test_streamed_prefill_then_decode_equals_full_forward(P):
-    """The prefill streams chunks of 8 positions (L = 4, S = 8); prompts of 1..21 tokens (whole and
-    partial chunks and blocks), then token-by-token decoding to 26; float64, against the autograd forward."""
+def test_streamed_prefill_then_decode_equals_full_forward(P, stream_len):
+    """The prefill streams pieces of one or two chunks of 8 positions (L = 4, S = 8); prompts of
+    1..21 tokens (whole and partial pieces, chunks and blocks), then token-by-token decoding to 26;
+    float64, against the autograd forward."""
     unit = _stream_unit(vq_n_head=2, vq_block_len=4, vq_codebook_size=8)
+    unit.stream_len = stream_len
     x = torch.randn(2, 26, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(P))
     full = unit(x.requires_grad_(True)).detach()
     x = x.detach()
