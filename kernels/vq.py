@@ -214,11 +214,12 @@ def _window_index(t, p, L, device):
     return _WINDOW_INDEX[key]
 
 
-def _chunk_scores(x, y, L, before_first):
+def _chunk_scores(x, y, L, before_first, out=None):
     """s = x [y_before | y_chunk]^T per chunk: x, y (B, H, n, C, d) -> (B, H, n, C, L+C), where
-    y_before is the last block of the previous chunk; before_first fills the first chunk's."""
+    y_before is the last block of the previous chunk; before_first fills the first chunk's.
+    out: a (B, H, n, C, L+C) view to write into (the columns of a wider buffer)."""
     B, H, n, C, _ = x.shape
-    s = x.new_empty(B, H, n, C, L + C)
+    s = x.new_empty(B, H, n, C, L + C) if out is None else out
     s[..., L:] = x @ y.transpose(-1, -2)
     s[:, :, 0, :, :L] = before_first
     s[:, :, 1:, :, :L] = x[:, :, 1:] @ y[:, :, :-1, C - L:].transpose(-1, -2)
@@ -242,42 +243,72 @@ def _chunk_mix_t(a, x, L):
     return o
 
 
-class _ChunkLogits(torch.autograd.Function):
-    """Content logits of each chunk's queries (B, H, n, C, .) against the block before the
-    chunk and the chunk itself: s (B, H, n, C, L+C), -inf before the first chunk. Backward:
-    q gets every pair's gradient; a key only the pairs inside its queries' window (own or
-    next block), since an older pair stands for a cache entry, whose key is a codeword."""
+class _ChunkAllLogits(torch.autograd.Function):
+    """All logits of each chunk's queries q (B, H, n, C, d_k) in one buffer (B, H, n, C, S + L + C):
+    against the S codewords plus log N (logn (B, H, n, S), -inf for an empty code), then the block
+    before the chunk and the chunk itself (_chunk_scores) plus the window's position bias and
+    causal mask, gathered from table (B, H, n, C, L+3) = [bias | 0 | -inf] at index (C, L+C).
+    One buffer instead of a concatenation in the forward and a split in the backward. Backward:
+    q from every logit; k from the window pairs only (older pairs stand for cache entries, whose
+    key is a codeword); the bias through the gather."""
 
     @staticmethod
-    def forward(ctx, q, k, L):
-        ctx.save_for_backward(q, k)
-        ctx.L = L
-        return _chunk_scores(q, k, L, float("-inf"))
+    def forward(ctx, q, k, table, codebook, logn, idx, L):
+        B, H, n, C, dk = q.shape
+        S = codebook.shape[1]
+        s = q.new_empty(B, H, n, C, S + L + C)
+        s_cache = (q.view(B, H, n * C, dk) @ codebook.transpose(-1, -2)).view(B, H, n, C, S)
+        torch.add(s_cache, logn.unsqueeze(3), out=s[..., :S])
+        _chunk_scores(q, k, L, float("-inf"), out=s[..., S:])
+        s[..., S:] += torch.gather(table, -1, idx.expand(B, H, n, C, L + C))
+        ctx.save_for_backward(q, k, codebook, idx)
+        ctx.L, ctx.table_shape = L, table.shape
+        return s
 
     @staticmethod
     def backward(ctx, ds):
-        q, k = ctx.saved_tensors
-        L, C = ctx.L, q.shape[3]
-        p = torch.arange(C, device=q.device)
-        e = torch.arange(L + C, device=q.device)
-        window = e[None, :] // L >= p[:, None] // L  # key block >= query block - 1 (column e is position e - L)
-        return _chunk_mix(ds, k, L), _chunk_mix_t(ds * window, q, L), None
+        q, k, codebook, idx = ctx.saved_tensors
+        L = ctx.L
+        B, H, n, C, dk = q.shape
+        S = codebook.shape[1]
+        ds_cache, ds_keys = ds[..., :S], ds[..., S:]
+        dq = _chunk_mix(ds_keys, k, L)
+        dq += ds_cache @ codebook.unsqueeze(1)
+        if C > L:  # only the own and previous blocks' pairs reach k (with one block per chunk, all do)
+            e = torch.arange(L + C, device=q.device)
+            p = torch.arange(C, device=q.device)
+            ds_keys = ds_keys * (e[None, :] // L >= p[:, None] // L)
+        dk = _chunk_mix_t(ds_keys, q, L)
+        dtable = ds.new_zeros(ctx.table_shape).scatter_add_(-1, idx.expand(B, H, n, C, L + C), ds[..., S:])
+        return dq, dk, dtable, None, None, None, None
 
 
-class _ChunkMix(torch.autograd.Function):
-    """The values side of _ChunkLogits: o = a [v_before | v_chunk], a (B, H, n, C, L+C),
-    v (B, H, n, C, d_v), without copying the values into windows."""
+class _ChunkAllMix(torch.autograd.Function):
+    """The values side of _ChunkAllLogits: o = a_keys [v_before | v_chunk] + (a_cache / N) U for the
+    probabilities a (B, H, n, C, S + L + C), values v (B, H, n, C, d_v), chunk caches U (B, H, n, S,
+    d_v) and counts N (B, H, n, S); the gradient of a comes back as one buffer."""
 
     @staticmethod
-    def forward(ctx, a, v, L):
-        ctx.save_for_backward(a, v)
+    def forward(ctx, a, v, U, counts, L):
+        B, H, n, C, dv = v.shape
+        S = U.shape[3]
+        w = a[..., :S] / counts.clamp(min=1).unsqueeze(3)  # cache values are U / N: divide the weights
+        o = _chunk_mix(a[..., S:], v, L)
+        o.view(-1, C, dv).baddbmm_(w.view(-1, C, S), U.reshape(-1, S, dv))
+        ctx.save_for_backward(a, v, U, w, counts)
         ctx.L = L
-        return _chunk_mix(a, v, L)
+        return o
 
     @staticmethod
     def backward(ctx, do):
-        a, v = ctx.saved_tensors
-        return _chunk_scores(do, v, ctx.L, 0.0), _chunk_mix_t(a, do, ctx.L), None
+        a, v, U, w, counts = ctx.saved_tensors
+        L, S = ctx.L, U.shape[3]
+        da = torch.empty_like(a)
+        _chunk_scores(do, v, L, 0.0, out=da[..., S:])
+        torch.div(do @ U.transpose(-1, -2), counts.clamp(min=1).unsqueeze(3), out=da[..., :S])
+        dv = _chunk_mix_t(a[..., S:], do, L)
+        dU = w.transpose(-1, -2) @ do
+        return da, dv, dU, None, None
 
 
 def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G, carry=None):
@@ -302,19 +333,15 @@ def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G, carry=None):
     # the chunk cache of chunk c holds the positions t < c C - L: t enters at chunk (t + L) // C + 1
     counts, sums = _cache(z, v, (torch.arange(Tp, device=z.device) + L) // C + 1, n, S)
     logn = torch.where(counts > 0, counts.clamp(min=1).log(), torch.full_like(counts, float("-inf")))
-    s_cache = (q @ codebook.transpose(-1, -2)).view(B, H, n, C, S) + logn.unsqueeze(3)
-    vc = v.view(B, H, n, C, dv)
-    s_keys = _ChunkLogits.apply(q.view(B, H, n, C, dk), k.view(B, H, n, C, dk), L)  # (B, H, n, C, L+C)
     if bias is None:
         bias = q.new_zeros(B, H, Tp, L + 1)
     # bias[p, d] belongs at column L + p - d, zero beyond the window, -inf for a later key: gathered
     # in one step from a padded copy of the bias (the causal mask comes with it)
     table = torch.cat([bias.view(B, H, n, C, L + 1), bias.new_zeros(B, H, n, C, 1),
                        bias.new_full((B, H, n, C, 1), float("-inf"))], -1)
-    s_keys = s_keys + torch.gather(table, -1, _window_index(C, L, L, q.device).expand(B, H, n, C, L + C))
-    a = torch.softmax(torch.cat([s_cache, s_keys], dim=-1), dim=-1)
-    a_cache, a_keys = a.split([S, L + C], dim=-1)
-    o = _ChunkMix.apply(a_keys, vc, L) + (a_cache / counts.clamp(min=1).unsqueeze(3)) @ sums
+    s = _ChunkAllLogits.apply(q.view(B, H, n, C, dk), k.view(B, H, n, C, dk), table, codebook, logn,
+                              _window_index(C, L, L, q.device), L)  # (B, H, n, C, S + L + C)
+    o = _ChunkAllMix.apply(torch.softmax(s, dim=-1), v.view(B, H, n, C, dv), sums, counts, L)
     return o.view(B, H, Tp, dv)
 
 
