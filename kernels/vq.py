@@ -165,8 +165,8 @@ class _CacheSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, z, first, R, S):
         N, T, dv = v.shape
-        n_rows = max(R, int(first.max()) + 1)  # rows past R take the positions no row uses
-        rows = (first * S + z + torch.arange(N, device=z.device)[:, None] * (n_rows * S)).view(-1)
+        n_rows = R + 1  # row R takes the positions no row uses (no read of first's values on the host)
+        rows = (first.clamp(max=R) * S + z + torch.arange(N, device=z.device)[:, None] * (n_rows * S)).view(-1)
         U = v.new_zeros(N * n_rows * S, dv).index_add_(0, rows, v.reshape(-1, dv))
         ctx.save_for_backward(z, first)
         ctx.shape = (R, S)
@@ -180,7 +180,7 @@ class _CacheSums(torch.autograd.Function):
         g = _scan(g.reshape(N, R, S * dv), reverse=True).reshape(N * R * S, dv)
         rows = first.clamp(max=R - 1) * S + z + torch.arange(N, device=z.device)[:, None] * (R * S)
         dv_ = g.index_select(0, rows.view(-1)).view(N, T, dv)
-        dv_[:, int((first < R).sum()):] = 0  # positions that enter no row of the cache
+        dv_.masked_fill_((first >= R).view(1, T, 1), 0)  # positions that enter no row of the cache
         return dv_, None, None, None, None
 
 
@@ -189,8 +189,8 @@ def _cache(z, v, first, R, S):
     first[t] <= r, for z (B, H, T) codes and v (B, H, T, d_v) values (U differentiable in v)."""
     B, H, T = z.shape
     dv = v.shape[-1]
-    slot = first * S + z  # (B, H, T)
-    counts = torch.zeros(B, H, (int(first.max()) + 1) * S, device=z.device, dtype=v.dtype).scatter_add_(
+    slot = first.clamp(max=R) * S + z  # (B, H, T); row R takes the positions no row uses
+    counts = torch.zeros(B, H, (R + 1) * S, device=z.device, dtype=v.dtype).scatter_add_(
         2, slot, torch.ones_like(slot, dtype=v.dtype))
     counts = counts.view(B, H, -1, S)[:, :, :R].cumsum(2)
     sums = _CacheSums.apply(v.reshape(B * H, T, dv), z.reshape(B * H, T), first, R, S)

@@ -19,6 +19,7 @@ sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 DEVICE = os.environ.get("ATTNLAB_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE == "cpu":
@@ -99,3 +100,36 @@ def run(args, cwd=ROOT, timeout=600, env=None):
     import subprocess
     e = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+_SYNCING = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "unique_consecutive",
+            "_unique", "_unique2", "unique_dim", "bincount", "repeat_interleave"}  # host syncs on a GPU
+
+
+class SyncingOps(TorchDispatchMode):
+    """Records every aten op that needs a tensor's values on the host (or an output size that depends on them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in _SYNCING and not (name == "repeat_interleave" and (kwargs or {}).get("output_size") is not None):
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def host_syncs(monkeypatch, fn):
+    """Runs fn() and returns the syncing aten ops it called; Tensor.item/tolist/bool/int/float/index
+    raise AssertionError("host sync: ...") meanwhile."""
+    def refuse(name):
+        def f(*a, **k):
+            raise AssertionError(f"host sync: Tensor.{name}")
+        return f
+    with SyncingOps() as probe:
+        with monkeypatch.context() as mp:
+            for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+                mp.setattr(torch.Tensor, name, refuse(name))
+            fn()
+    return probe.calls

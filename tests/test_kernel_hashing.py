@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels.kernel_hashing as KH
-from conftest import DEVICE, assert_causal, rel_err
+from conftest import DEVICE, assert_causal, host_syncs, rel_err
 from model import ATTENTION, GPT, GPTConfig
 
 KNOBS = dict(kh_min_seq_len=8, kh_bucket_block=5, kh_samples=6, kh_hash_bits=4)  # awkward on purpose
@@ -246,24 +246,6 @@ def test_no_T_by_T_tensor():
     assert probe.largest < T * T // 16, probe.largest
 
 
-_SYNCING = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "unique_consecutive",
-            "_unique", "_unique2", "unique_dim", "bincount", "repeat_interleave"}  # host syncs on a GPU
-
-
-class _SyncingOps(TorchDispatchMode):
-    """Records every aten op that needs a tensor's values on the host (or an output size that depends on them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in _SYNCING and not (name == "repeat_interleave" and (kwargs or {}).get("output_size") is not None):
-            self.calls.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_fixed_size_tiles_are_the_needed_tiles_plus_inactive_padding():
     g = torch.Generator().manual_seed(3)
     for G, SQ, rows, nb in ((3, 37, 8, 5), (2, 16, 16, 1), (4, 20, 4, 9)):
@@ -301,16 +283,8 @@ def test_no_host_sync_in_forward_and_backward(monkeypatch, train, backend):
         monkeypatch.setattr(KH, "_kh_bwd_kernel", _NoLaunch())
     x = torch.randn(2, 256, 64, requires_grad=True)
 
-    def refuse(name):
-        def f(*a, **k):
-            raise AssertionError(f"host sync: Tensor.{name}")
-        return f
-    with _SyncingOps() as probe:
-        with monkeypatch.context() as mp:
-            for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-                mp.setattr(torch.Tensor, name, refuse(name))
-            m(x).square().sum().backward()
-    assert probe.calls == [], probe.calls
+    calls = host_syncs(monkeypatch, lambda: m(x).square().sum().backward())
+    assert calls == [], calls
     assert x.grad is not None and (backend == "triton" or x.grad.abs().sum() > 0)
     if not train:
         assert 0 < m.extra_metrics()["approx_mass"] < 1
