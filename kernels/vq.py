@@ -327,6 +327,8 @@ def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G, carry=None):
     last block preceding them, and that block's quantized keys, values and codes (B, H, L, .)."""
     if carry is not None or not torch.is_grad_enabled():
         return _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry)
+    if codebook.requires_grad:  # older pairs inside a chunk read it through k^, so it would get a partial gradient
+        raise ValueError("vq_chunk_attention_torch: the codebook takes no gradient (VQGatedUnit moves it by EMA)")
     B, H, Tp, dk = q.shape
     C, S, dv = G * L, codebook.shape[1], v.shape[-1]
     n = Tp // C

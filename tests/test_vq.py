@@ -543,6 +543,13 @@ def test_no_grad_path_whole_and_in_pieces_with_carry_equals_dense_reference(T, L
     assert prev is not None or T <= P  # the carry was used
 
 
+def test_chunked_path_refuses_a_codebook_that_wants_a_gradient():
+    """The unit's codebook moves by EMA; the chunked path gives it no gradient and says so."""
+    q, k_hat, z, v, codebook = quantized_inputs(1, 1, 16, 4, 6, 5)
+    with pytest.raises(ValueError, match="codebook takes no gradient"):
+        vq_chunk_attention_torch(q.requires_grad_(True), k_hat, z, v, None, codebook.requires_grad_(True), 4, 2)
+
+
 def test_pytorch_path_under_bf16_autocast():
     """bfloat16 autocast (a CUDA machine without Triton, or CPU): the PyTorch path computes in float32,
     as the kernels do, so forward and backward run and equal float32 on the same bf16-rounded inputs."""
