@@ -5,6 +5,7 @@ forward-only times (and peak memory) against T.
 
     /work/venv-jax/bin/python bench_peer.py                       # check at 1024, time 2k, 8k, 32k
     /work/venv-jax/bin/python bench_peer.py --T=2048 --check_T=512 --mem=False
+    python bench_peer.py --chunks=1,2,4 --T=8192    # ours alone against the chunk length (no JAX needed)
 
 Needs JAX, Flax and chex next to this repository's torch, and a checkout of the official code; neither is
 a dependency of the repository. Without them the script prints how to set them up and exits 0 (skip).

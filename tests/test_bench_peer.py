@@ -21,6 +21,16 @@ def test_skips_without_the_official_checkout(tmp_path):
     assert not out.exists()
 
 
+def test_chunk_length_mode_runs_without_the_official_code(tmp_path):
+    """--chunks times our unit alone at each chunk length (no JAX, no checkout) and writes chunks.md."""
+    out = tmp_path / "out"
+    r = run(["bench_peer.py", f"--official={tmp_path / 'none'}", "--chunks=1,2", "--T=128", "--repeats=1",
+             "--warmup=0", "--d_model=32", "--d_k=16", "--d_v=32", "--L=16", "--S=32", f"--out={out}"], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in (out / "chunks.md").read_text().splitlines() if line.startswith("| 128 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["1", "2"]
+
+
 def test_skips_without_jax(tmp_path):
     """A jax that fails to import (even where the real one is installed) and a checkout that is there."""
     fake = tmp_path / "official" / "src" / "transformer_vq" / "nn"
