@@ -257,7 +257,7 @@ class _ChunkAllLogits(torch.autograd.Function):
         B, H, n, C, dk = q.shape
         S = codebook.shape[1]
         s = q.new_empty(B, H, n, C, S + L + C)
-        s_cache = (q.view(B, H, n * C, dk) @ codebook.transpose(-1, -2)).view(B, H, n, C, S)
+        s_cache = (q.reshape(B, H, n * C, dk) @ codebook.transpose(-1, -2)).view(B, H, n, C, S)
         torch.add(s_cache, logn.unsqueeze(3), out=s[..., :S])
         _chunk_scores(q, k, L, float("-inf"), out=s[..., S:])
         s[..., S:] += torch.gather(table, -1, idx.expand(B, H, n, C, L + C))
