@@ -6,7 +6,9 @@
                          every slot up to k_max (batched gather + softmax, empty slots masked)
     CPU-fast path        as_block_sparse_attention_buckets: the same, with query blocks grouped by how
                          many blocks they list, so the work follows the kept blocks, not k_max (and
-                         only the new rows of a decode query block); window_attention: the sliding-
+                         only the new rows of a decode query block), each group in cache-sized
+                         sub-batches recomputed in the backward (_GroupAttention, flash-style: memory
+                         linear in the kept pairs' rows, no group-sized score tensor); window_attention: the sliding-
                          window branch on the same path (every device: no Triton kernel for it)
     entry point          adaptive_sparse_attention: selection (in query-block chunks), then the
                          selected-block attention (Triton on CUDA, the bucketed path otherwise), gates;
@@ -171,6 +173,72 @@ def as_block_sparse_attention_torch(q, k, v, idx, bias, block, q_block0=0):
     return (att.softmax(-1) @ vg).view(B, H, Tq, D)
 
 
+class _GroupAttention(torch.autograd.Function):
+    """Attention of R query blocks (rows qs (R, rq, D)) that each list the same number n of key
+    blocks, rows krows (R n,) of the key and value tables kf, vf (N, block D), with one logit bias
+    per listed block b (R, n), hiding keys at kpos (R, 1, n block) later than the query at qpos
+    (R, rq) (or window or more before it). Flash-style on the CPU: sub-batches of about SUB_SCORES
+    scores are gathered, scored and normalised in turn, and the backward recomputes them from the
+    saved log-sum-exp, so no (R, rq, n block) tensor, and no gathered copy of the keys for the whole
+    group, is kept: the working set stays in cache, where the score-sized passes run several times
+    faster than over a group-sized tensor."""
+
+    SUB_SCORES = 1 << 20
+
+    @staticmethod
+    def _scores(qs, kf, vf, krows, b, kpos, qpos, window, block, scale, rs):
+        n = b.shape[1]
+        R_, rq, D = qs[rs].shape
+        kr = krows.view(-1, n)[rs].reshape(-1)
+        kg = kf.index_select(0, kr).view(R_, n * block, D)
+        vg = vf.index_select(0, kr).view(R_, n * block, D)
+        bb = b[rs].to(qs.dtype).repeat_interleave(block, dim=-1).unsqueeze(1)
+        att = torch.baddbmm(bb, qs[rs], kg.transpose(-1, -2), alpha=scale)
+        hide = kpos[rs] > qpos[rs].unsqueeze(-1)
+        if window:
+            hide |= kpos[rs] <= qpos[rs].unsqueeze(-1) - window
+        return att.masked_fill_(hide, float("-inf")), kg, vg, kr
+
+    @staticmethod
+    def forward(ctx, qs, kf, vf, krows, b, kpos, qpos, window, block, scale):
+        R, rq, D = qs.shape
+        n = b.shape[1]
+        sub = max(1, _GroupAttention.SUB_SCORES // (rq * n * block))
+        o = qs.new_empty(R, rq, D)
+        lse = qs.new_empty(R, rq, 1, dtype=torch.promote_types(qs.dtype, torch.float32))
+        for r0 in range(0, R, sub):
+            rs = slice(r0, min(R, r0 + sub))
+            att, _, vg, _ = _GroupAttention._scores(qs, kf, vf, krows, b, kpos, qpos, window, block, scale, rs)
+            lse[rs] = torch.logsumexp(att, -1, keepdim=True)
+            o[rs] = att.sub_(lse[rs].to(att.dtype)).exp_() @ vg
+        ctx.save_for_backward(qs, kf, vf, krows, b, kpos, qpos, o, lse)
+        ctx.args = (window, block, scale, sub)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qs, kf, vf, krows, b, kpos, qpos, o, lse = ctx.saved_tensors
+        window, block, scale, sub = ctx.args
+        R, rq, D = qs.shape
+        n = b.shape[1]
+        do = do.contiguous()
+        delta = (do * o).sum(-1, keepdim=True)
+        dq = torch.empty_like(qs)
+        dkf, dvf = torch.zeros_like(kf), torch.zeros_like(vf)
+        db = torch.empty(R, n, dtype=b.dtype, device=b.device)
+        for r0 in range(0, R, sub):
+            rs = slice(r0, min(R, r0 + sub))
+            att, kg, vg, kr = _GroupAttention._scores(qs, kf, vf, krows, b, kpos, qpos, window, block, scale, rs)
+            p = att.sub_(lse[rs].to(att.dtype)).exp_()
+            ds = (do[rs] @ vg.transpose(-1, -2)).sub_(delta[rs]).mul_(p)
+            dq[rs] = (ds @ kg).mul_(scale)
+            m = ds.shape[0]
+            dkf.index_add_(0, kr, (ds.transpose(-1, -2) @ qs[rs]).mul_(scale).view(m * n, block * D).to(dkf.dtype))
+            dvf.index_add_(0, kr, (p.transpose(-1, -2) @ do[rs]).view(m * n, block * D).to(dvf.dtype))
+            db[rs] = ds.view(m, rq, n, block).sum((1, 3)).to(db.dtype)
+        return dq, dkf, dvf, None, db, None, None, None, None, None
+
+
 def as_block_sparse_attention_buckets(q, k, v, idx, bias, block, q_block0=0, work=None, row0=0, window=0):
     """as_block_sparse_attention_torch (same arguments and result) at a cost set by the listed
     blocks, not the slots: query blocks are grouped by how many blocks they list, and each group
@@ -207,18 +275,11 @@ def as_block_sparse_attention_buckets(q, k, v, idx, bias, block, q_block0=0, wor
             continue
         ids = idx_c.index_select(0, rows)[:, :n]
         krows = (krow0.index_select(0, rows).unsqueeze(1) + ids).reshape(-1)
-        kg = kf.index_select(0, krows).view(R, n * block, D)
-        vg = vf.index_select(0, krows).view(R, n * block, D)
-        b = bias_c.index_select(0, rows)[:, :n].to(q.dtype).repeat_interleave(block, dim=-1).unsqueeze(1)
-        att = torch.baddbmm(b, qf.index_select(0, rows), kg.transpose(-1, -2), alpha=1.0 / math.sqrt(D))
         qpos = (q_block0 + rows % nq).unsqueeze(1) * block + row0 + offs[:rows_q]  # (R, rows_q)
         kpos = (ids.unsqueeze(-1) * block + offs).view(R, 1, n * block)
-        hide = kpos > qpos.unsqueeze(-1)
-        if window:
-            hide |= kpos <= qpos.unsqueeze(-1) - window
-        att.masked_fill_(hide, float("-inf"))  # in place: one fewer copy
         rows_all.append(rows)
-        outs.append(att.softmax(-1) @ vg)
+        outs.append(_GroupAttention.apply(qf.index_select(0, rows), kf, vf, krows, bias_c.index_select(0, rows)[:, :n],
+                                          kpos, qpos, window, block, 1.0 / math.sqrt(D)))
         if work is not None:
             work["tiles"] = work.get("tiles", 0) + R * n
     rows_all = torch.cat(rows_all)

@@ -407,11 +407,14 @@ def random_lists(B, H, nq, n_sel, g):
     return idx
 
 
+@pytest.mark.parametrize("sub_scores", [1 << 20, 40])  # one sub-batch per group, or many (down to one row)
 @pytest.mark.parametrize("B,H,nq,D,Bk,n_sel,i0", [(2, 3, 9, 5, 3, 4, 0), (1, 2, 13, 7, 4, 6, 5),
                                                    (2, 1, 6, 3, 1, 2, 0), (1, 1, 11, 4, 5, 9, 10)])
-def test_bucketed_path_matches_slot_path(B, H, nq, D, Bk, n_sel, i0):
+def test_bucketed_path_matches_slot_path(B, H, nq, D, Bk, n_sel, i0, sub_scores, monkeypatch):
     """The bucketed CPU path equals the every-slot reference in outputs and gradients (float64),
-    with empty slots anywhere in the lists, and for a suffix of query blocks (decode)."""
+    with empty slots anywhere in the lists, and for a suffix of query blocks (decode); its groups
+    run in sub-batches of about sub_scores scores (recomputed in the backward)."""
+    monkeypatch.setattr(AS._GroupAttention, "SUB_SCORES", sub_scores)
     g = torch.Generator().manual_seed(nq)
     idx = random_lists(B, H, nq, n_sel, g)[:, :, i0:]
     q = torch.randn(B, H, (nq - i0) * Bk, D, generator=g, dtype=torch.float64, requires_grad=True)
