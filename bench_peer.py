@@ -276,18 +276,14 @@ def check(cfg, Tn):
 # timing and memory
 
 
-def make_cases(cfg, Tn):
-    """{case: zero-argument function running it once, synchronously}."""
-    import jax
+def ours_cases(cfg, Tn):
+    """Our unit, its input x and loss weights G (batch, Tn, d_model), and {"ours fwd+bwd", "ours fwd"}:
+    zero-argument functions running one training step's forward and backward, or one no-grad forward."""
     import torch
     unit = build_ours(cfg)
     g = torch.Generator().manual_seed(cfg["seed"] + 1)
     x = torch.randn(cfg["batch"], Tn, cfg["d_model"], generator=g)
     G = torch.randn(cfg["batch"], Tn, cfg["d_model"], generator=g)
-    fb, mod = build_theirs(cfg, True, Tn)
-    fw, _ = build_theirs(cfg, False, Tn)
-    p = theirs_params(unit, mod, cfg)
-    xj, Gj = jax.numpy.asarray(x.numpy()), jax.numpy.asarray(G.numpy())
 
     def ours_fwdbwd():
         unit.train()
@@ -300,9 +296,19 @@ def make_cases(cfg, Tn):
         unit.eval()
         with torch.no_grad():
             unit(x)
+    return unit, x, G, {"ours fwd+bwd": ours_fwdbwd, "ours fwd": ours_fwd}
 
-    return {"ours fwd+bwd": ours_fwdbwd, "official fwd+bwd": lambda: jax.block_until_ready(fb(p, xj, Gj)),
-            "ours fwd": ours_fwd, "official fwd": lambda: jax.block_until_ready(fw(p, xj))}
+
+def make_cases(cfg, Tn):
+    """{case: zero-argument function running it once, synchronously}."""
+    import jax
+    unit, x, G, ours = ours_cases(cfg, Tn)
+    fb, mod = build_theirs(cfg, True, Tn)
+    fw, _ = build_theirs(cfg, False, Tn)
+    p = theirs_params(unit, mod, cfg)
+    xj, Gj = jax.numpy.asarray(x.numpy()), jax.numpy.asarray(G.numpy())
+    return {"ours fwd+bwd": ours["ours fwd+bwd"], "official fwd+bwd": lambda: jax.block_until_ready(fb(p, xj, Gj)),
+            "ours fwd": ours["ours fwd"], "official fwd": lambda: jax.block_until_ready(fw(p, xj))}
 
 
 def time_all(cfg, Tn):
@@ -425,12 +431,9 @@ def write_report(cfg, argv, checks, rows):
 def time_chunks(cfg, Ts, argv):
     """Ours alone at each chunk length (blocks per chunk, G) of the CPU path, fwd and fwd+bwd, round-robin
     over G, medians; writes <out>/chunks.md (the measurement behind kernels/vq.py's CACHE_BUILD_COST)."""
-    import torch
-
     import bench
     from kernels.vq import chunk_blocks_by_cost
     Gs = _ints(cfg["chunks"])
-    unit = build_ours(cfg)
     lines = ["# vq: time against the chunk length of the CPU path (ours only)", "",
              f"Command: `{sys.executable} bench_peer.py " + " ".join(shlex.quote(a) for a in argv) + "`", "",
              f"Unit: d_model {cfg['d_model']}, d_k {cfg['d_k']}, d_v {cfg['d_v']}, one head, L {cfg['L']}, "
@@ -439,31 +442,18 @@ def time_chunks(cfg, Ts, argv):
              "Machine: " + "; ".join(f"{k} {v}" for k, v in bench.machine_facts("cpu").items()), "",
              "| T | G (blocks per chunk) | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
     for Tn in Ts:
-        g = torch.Generator().manual_seed(cfg["seed"])
-        x = torch.randn(cfg["batch"], Tn, cfg["d_model"], generator=g)
-        G_ = torch.randn(cfg["batch"], Tn, cfg["d_model"], generator=g)
-
-        def fwd():
-            unit.eval()
-            with torch.no_grad():
-                unit(x)
-
-        def fwdbwd():
-            unit.train()
-            unit.zero_grad(set_to_none=True)
-            y = unit(x.clone().requires_grad_(True))
-            ((y * G_).sum() + unit.aux_loss).backward()
-        times = {(G, m): [] for G in Gs for m in ("fwd", "fwd+bwd")}
+        unit, _, _, cases = ours_cases(cfg, Tn)
+        times = {(G, m): [] for G in Gs for m in ("ours fwd", "ours fwd+bwd")}
         for rep in range(cfg["warmup"] + cfg["repeats"]):
             for (G, m), v in times.items():
                 unit.chunk_blocks = G
                 t0 = time.perf_counter()
-                (fwd if m == "fwd" else fwdbwd)()
+                cases[m]()
                 if rep >= cfg["warmup"]:
                     v.append((time.perf_counter() - t0) * 1e3)
         for G in Gs:
-            lines.append(f"| {Tn} | {G} | {statistics.median(times[(G, 'fwd')]):.0f} | "
-                         f"{statistics.median(times[(G, 'fwd+bwd')]):.0f} |")
+            lines.append(f"| {Tn} | {G} | {statistics.median(times[(G, 'ours fwd')]):.0f} | "
+                         f"{statistics.median(times[(G, 'ours fwd+bwd')]):.0f} |")
             print(lines[-1], flush=True)
     lines += ["", f"Medians of {cfg['repeats']} runs after {cfg['warmup']} warm-up, round-robin over G."]
     os.makedirs(cfg["out"], exist_ok=True)

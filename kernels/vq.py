@@ -87,7 +87,7 @@ def vq_block_attention_torch(q, k, v, bias, codebook, counts, sums, L):
         s_cur = s_cur + torch.gather(bias, -1, dist.clamp(min=0).expand(B, H, R, L, L))
         s_prev = s_prev + torch.gather(bias, -1, (dist + L).clamp(max=L).expand(B, H, R, L, L)) * (dist <= 0)
     s_cur = s_cur.masked_fill(dist < 0, float("-inf"))
-    logn = torch.where(counts > 0, counts.clamp(min=1).log(), torch.full_like(counts, float("-inf")))
+    logn = _log_counts(counts)
     s_cache = (q @ codebook.transpose(-1, -2)).view(B, H, R, L, -1) + logn.unsqueeze(3)
     a = torch.softmax(torch.cat([s_prev, s_cur, s_cache], dim=-1), dim=-1)
     a_prev, a_cur, a_cache = a.split([L, L, a.shape[-1] - 2 * L], dim=-1)
@@ -214,6 +214,23 @@ def _window_index(t, p, L, device):
     return _WINDOW_INDEX[key]
 
 
+def _log_counts(counts):
+    """log N per code (the cache logit's count term), -inf where a code holds no key."""
+    return torch.where(counts > 0, counts.clamp(min=1).log(), float("-inf"))
+
+
+def _window_table(q, bias, n, C, L):
+    """The window's position bias (B, H, n C, L+1) of the queries q (B, H, n C, .), or zeros when
+    None, padded to (B, H, n, C, L+3) = [bias | 0 | -inf] for _window_index's columns: bias[p, d]
+    belongs at column L + p - d, zero beyond the window, -inf for a later key, so one gather places
+    the bias and the causal mask together."""
+    B, H = q.shape[:2]
+    if bias is None:
+        bias = q.new_zeros(B, H, n * C, L + 1)
+    return torch.cat([bias.view(B, H, n, C, L + 1), bias.new_zeros(B, H, n, C, 1),
+                      bias.new_full((B, H, n, C, 1), float("-inf"))], -1)
+
+
 def _chunk_scores(x, y, L, before_first, out=None):
     """s = x [y_before | y_chunk]^T per chunk: x, y (B, H, n, C, d) -> (B, H, n, C, L+C), where
     y_before is the last block of the previous chunk; before_first fills the first chunk's.
@@ -334,15 +351,9 @@ def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G, carry=None):
     n = Tp // C
     # the chunk cache of chunk c holds the positions t < c C - L: t enters at chunk (t + L) // C + 1
     counts, sums = _cache(z, v, (torch.arange(Tp, device=z.device) + L) // C + 1, n, S)
-    logn = torch.where(counts > 0, counts.clamp(min=1).log(), torch.full_like(counts, float("-inf")))
-    if bias is None:
-        bias = q.new_zeros(B, H, Tp, L + 1)
-    # bias[p, d] belongs at column L + p - d, zero beyond the window, -inf for a later key: gathered
-    # in one step from a padded copy of the bias (the causal mask comes with it)
-    table = torch.cat([bias.view(B, H, n, C, L + 1), bias.new_zeros(B, H, n, C, 1),
-                       bias.new_full((B, H, n, C, 1), float("-inf"))], -1)
-    s = _ChunkAllLogits.apply(q.view(B, H, n, C, dk), k.view(B, H, n, C, dk), table, codebook, logn,
-                              _window_index(C, L, L, q.device), L)  # (B, H, n, C, S + L + C)
+    logn = _log_counts(counts)
+    s = _ChunkAllLogits.apply(q.view(B, H, n, C, dk), k.view(B, H, n, C, dk), _window_table(q, bias, n, C, L),
+                              codebook, logn, _window_index(C, L, L, q.device), L)  # (B, H, n, C, S + L + C)
     o = _ChunkAllMix.apply(torch.softmax(s, dim=-1), v.view(B, H, n, C, dv), sums, counts, L)
     return o.view(B, H, Tp, dv)
 
@@ -357,7 +368,7 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
     before and all but its last block). Same arguments and result."""
     B, H, Tp, dk = q.shape
     C, S, dv = G * L, codebook.shape[1], v.shape[-1]
-    n, W = Tp // C, codebook.shape[1] + L + G * L
+    n, W = Tp // C, S + L + C
     kc, vc, zc = k.view(B, H, n, C, dk), v.view(B, H, n, C, dv), z.view(B, H, n, C)
     K, V = q.new_empty(B, H, n, W, dk), v.new_empty(B, H, n, W, dv)
     Z, seen = z.new_zeros(B, H, n, L + C), v.new_ones(B, H, n, L + C)
@@ -386,12 +397,9 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
             counts[:, :, c] += counts[:, :, c - 1]
             U[:, :, c] += U[:, :, c - 1]
     logits = q.view(B, H, n, C, dk) @ K.transpose(-1, -2)  # (B, H, n, C, W)
-    logits[..., :S] += torch.where(counts > 0, counts.clamp(min=1).log(), float("-inf")).unsqueeze(3)
-    if bias is None:
-        bias = q.new_zeros(B, H, Tp, L + 1)
-    table = torch.cat([bias.view(B, H, n, C, L + 1), bias.new_zeros(B, H, n, C, 1),
-                       bias.new_full((B, H, n, C, 1), float("-inf"))], -1)
-    logits[..., S:] += torch.gather(table, -1, _window_index(C, L, L, q.device).expand(B, H, n, C, L + C))
+    logits[..., :S] += _log_counts(counts).unsqueeze(3)
+    logits[..., S:] += torch.gather(_window_table(q, bias, n, C, L), -1,
+                                    _window_index(C, L, L, q.device).expand(B, H, n, C, L + C))
     if carry is None:
         logits[:, :, 0, :, S:S + L] = float("-inf")
     U /= counts.clamp(min=1).unsqueeze(-1)
