@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.adaptive_sparse import Scorer, adaptive_sparse_attention, block_means, n_slots
+from kernels.adaptive_sparse import Scorer, adaptive_sparse_attention, block_means, compressed_blocks, n_compressed, n_slots
 from kernels.generative import causal_generative_function, gf_compare
 from kernels.kernel_hashing import KH_SAMPLING, kernel_hashing_attention, kernel_hashing_query, kh_hash, kh_levels
 from kernels._triton import HAS_TRITON
@@ -78,6 +78,8 @@ class GPTConfig:
     as_dense_equivalent: bool = False
     as_window: int = 0  # NSA's sliding-window branch of this many tokens, gated per token (0: off)
     as_force_first: bool = False  # NSA's forced initial block: block 0 always attended, never scored
+    as_compress: int = 0  # NSA's per-token compressed branch over blocks of this many tokens, in place of the correction (0: off)
+    as_compress_stride: int = 16  # ... taken every this many tokens (NSA: length 32, stride 16)
     # generative-function (Hilsenbek 2024)
     gf_fn: str = "min"  # f in y_t = f(x_t, x_{t-1}): min (the paper's), max or mean
     gf_avg_context: bool = False  # also compare with the causal running mean of x_0..x_t
@@ -760,6 +762,14 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 #   as_force_first        NSA's forced initial block, as an addition to the selected set: block 0
 #                         is not a candidate (not scored, not counted in k_min/k_max, not in the
 #                         correction) and is always attended: K_i = kept + {0, i-1, i} for i >= 2
+#   as_compress = l > 0   NSA's compressed branch, per token, in place of the per-block correction
+#   as_compress_stride = d  (under the same gate g_cmp): keys and values pooled by a mean over the
+#                         windows [j d, j d + l) (NSA: l 32, d 16, overlapping), and each token attends
+#                         to the windows complete by then, plus the null slot:
+#                         o_cmp_t = sum_{j: j d + l - 1 <= t} softmax_j(q_t . kc_j / sqrt(d_head)) vc_j,
+#                         y_t = W_o [g_sel o_sel + g_cmp o_cmp (+ g_win o_win)]. Deviations from NSA: the
+#                         compressor is a mean, not a learned MLP with intra-block positions; selection
+#                         stays the learned scorer's (NSA scores blocks from this branch's attention)
 #
 # Strictly causal: the scorer's query side is the mean query of the previous (complete) block,
 # so a block's selection and correction depend only on tokens before it, and only complete
@@ -779,17 +789,20 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 # probability dropout in either branch (the Triton kernel has none); the residual dropout is kept.
 #
 # Cost per layer and head, T tokens, n = T/B blocks, k = as_k_max, r = as_score_dim: scoring,
-# selection and correction O(n^2 (r + d)) time and O(n^2) memory (one (n, n) score matrix, its
-# softmax, a boolean mask; the correction runs in torch's fused SDPA; computed in up to 4
-# chunks of query blocks, each against the key blocks it can see, ~5/8 of the full square); selected attention
-# O(T (kbar+2) B d) time and O(T (kbar+2) B) memory, kbar <= k the mean number of blocks kept (the
-# work follows the kept blocks, not the cap). No T x T tensor: O(T^2/B^2 + T k B) in all.
+# selection and correction O(n^2 (r + d)) time, in ranges of query blocks of about 2^16 scores each,
+# each range against only the key blocks it can see (about half the square); with several ranges each
+# is recomputed in the backward, so autograd keeps O(n (k + r + d)) of it and the peak holds one
+# range's scores: memory linear in T (tested on the saved tensors). Selected attention O(T (kbar+2) B d)
+# time and O(T (kbar+2) B) memory, kbar <= k the mean number of blocks kept (the work follows the kept
+# blocks, not the cap). The compressed branch, when on, O(T^2 d / (2 stride)) time in ranges recomputed
+# likewise. No T x T tensor, and memory O(T k B) in all.
 # Decode: a KV cache (a buffer grown by doubling, written in place) plus the block means qbar,
 # kbar, vbar of the complete blocks, each computed once when its block completes (and the queries
 # of the current partial block); each new query's block is selected by the same rule from the
 # same means, so decode equals the full forward and greedy cached generation equals full
 # recompute; O(n r (d + 1) + (k+2) B d) per token at context S, n = S/B blocks (amortised O(d)
-# for the cache append): no mean is recomputed, the cache is not copied.
+# for the cache append): no mean is recomputed, the cache is not copied. With as_compress the
+# compressed blocks are kept the same way (each pooled once, when its window completes).
 #
 # kernels/adaptive_sparse.py: scoring, selection and correction in PyTorch; the selected-block
 # attention in PyTorch by gather + softmax with query blocks grouped by their number of kept blocks,
@@ -808,11 +821,15 @@ class AdaptiveSparseAttention(nn.Module):
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         for key, ok in (("as_block", config.as_block >= 1), ("as_k_min", config.as_k_min >= 0),
                         ("as_k_max", config.as_k_max >= 0), ("as_threshold", 0 < config.as_threshold <= 1),
-                        ("as_score_dim", config.as_score_dim >= 1), ("as_window", config.as_window >= 0)):
+                        ("as_score_dim", config.as_score_dim >= 1), ("as_window", config.as_window >= 0),
+                        ("as_compress", config.as_compress >= 0),
+                        ("as_compress_stride", not config.as_compress or 1 <= config.as_compress_stride <= config.as_compress)):
             if not ok:
                 raise ValueError(f"{key} out of range: got {getattr(config, key)!r} (see AdaptiveSparseAttention)")
         if config.as_window and config.as_dense_equivalent:
             raise ValueError("as_window needs the gates, which the dense-equivalent setting has not: set as_window=0")
+        if config.as_compress and config.as_dense_equivalent:
+            raise ValueError("as_compress needs the gates, which the dense-equivalent setting has not: set as_compress=0")
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.block = config.as_block
@@ -823,6 +840,7 @@ class AdaptiveSparseAttention(nn.Module):
         self.score_dim = config.as_score_dim
         self.window = config.as_window
         self.force_first = int(bool(config.as_force_first))  # 1: block 0 forced
+        self.compress = (config.as_compress, config.as_compress_stride) if config.as_compress else None
         self.rope = config.rope
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -847,12 +865,14 @@ class AdaptiveSparseAttention(nn.Module):
     _heads = DenseAttention._heads  # the same c_attn / c_proj head layout as dense (and rotary q, k)
     _out = DenseAttention._out
 
-    select_chunks, select_min_blocks = 4, 64  # query-block chunking of the (nq, nk) scores
+    # the (nq, nk) scores in ranges of about select_chunk_scores scores per (batch, head), at least
+    # select_min_blocks query blocks each (recomputed in the backward when there are several)
+    select_chunk_scores, select_min_blocks = 1 << 16, 64
 
     def scorer(self):
         """The scorer's parameters and the selection rule, for adaptive_sparse_attention."""
         return Scorer(self.score_q, self.score_k, self.score_log_temp, self.threshold, self.k_min, self.k_max,
-                      self.select_chunks, self.select_min_blocks, straight_through=not self.dense_equivalent,
+                      self.select_chunk_scores, self.select_min_blocks, straight_through=not self.dense_equivalent,
                       first=self.force_first)
 
     def _gates(self, x):
@@ -866,7 +886,8 @@ class AdaptiveSparseAttention(nn.Module):
     def forward(self, x):
         q, k, v = self._heads(x)
         gates = self._gates(x)
-        o, sel, blocks = adaptive_sparse_attention(q, k, v, gates, 0, self.block, self.scorer(), window=self.window)
+        o, sel, blocks = adaptive_sparse_attention(q, k, v, gates, 0, self.block, self.scorer(), window=self.window,
+                                                   compress=self.compress)
         with torch.no_grad():  # diagnostics for extra_metrics (kept on device, read at evaluation)
             self._last_T = x.shape[1]
             self.last_selected = sel.detach()
@@ -915,9 +936,14 @@ class AdaptiveSparseAttention(nn.Module):
             span = slice(n_old * Bk, n_new * Bk)
             done = (q_blk[:, :, :(n_new - n_old) * Bk], k[:, :, span], v[:, :, span])
             means = [torch.cat([m, block_means(t, Bk)], 2) for m, t in zip(means, done)]
+        cmp = None
+        if self.compress:  # compressed blocks completed by this chunk, appended once each
+            length, stride = self.compress
+            cmp = [q[:, :, :0]] * 2 if state is None else state["cmp"]
+            cmp = [torch.cat([c, compressed_blocks(t, length, stride, c.shape[2], S)], 2) for c, t in zip(cmp, (k, v))]
         o, _, _ = adaptive_sparse_attention(q, k, v, self._gates(x), q0, Bk, self.scorer(), means=means,
-                                            window=self.window)
-        state = dict(buf=buf, len=S, means=means, q_part=q_blk[:, :, (n_new - n_old) * Bk:])
+                                            window=self.window, compress=self.compress, compressed=cmp)
+        state = dict(buf=buf, len=S, means=means, q_part=q_blk[:, :, (n_new - n_old) * Bk:], cmp=cmp)
         return self._out(o), state
 
     def extra_metrics(self):
@@ -964,6 +990,8 @@ class AdaptiveSparseAttention(nn.Module):
         nb = -(-T // self.block)
         keys = min(T, (n_slots(nb, self.k_max, self.force_first) + 2 + self.force_first) * self.block)
         keys += min(T, self.window)  # the sliding-window branch (an upper bound: ~w keys per token)
+        if self.compress:  # the compressed branch instead of the correction: up to n_compressed(T) keys per token
+            keys += n_compressed(T, *self.compress)
         width = max(self.head_dim, self.score_dim)
         per_block = nb * 2 * self.score_dim + (0 if self.gate is None else nb * 2 * width)
         return 12 * self.c_proj.in_features * keys + 6 * self.n_head * per_block / self.block

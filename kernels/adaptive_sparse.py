@@ -9,8 +9,11 @@
                          only the new rows of a decode query block), each group in cache-sized
                          sub-batches recomputed in the backward (_GroupAttention, flash-style: memory
                          linear in the kept pairs' rows, no group-sized score tensor); window_attention: the sliding-
-                         window branch on the same path (every device: no Triton kernel for it)
-    entry point          adaptive_sparse_attention: selection (in query-block chunks), then the
+                         window branch on the same path (every device: no Triton kernel for it);
+                         compressed_attention: NSA's per-token compressed branch over the windows of
+                         compressed_blocks (SDPA in row ranges, recomputed in the backward)
+    entry point          adaptive_sparse_attention: selection (in query-block ranges, recomputed in the
+                         backward when there are several: memory linear in T), then the
                          selected-block attention (Triton on CUDA, the bucketed path otherwise), gates;
                          block_means, which decode keeps incrementally and passes in (means=)
     Triton kernels       block_sparse_attention: block-sparse flash attention, below
@@ -37,6 +40,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kernels._triton import HAS_TRITON, tl, triton
 
@@ -46,7 +50,9 @@ class Scorer(NamedTuple):
     """The learned block scorer and the selection rule: score_q, score_k (H, d, r) projections, log_temp
     (H,) log-temperatures; keep the top-p (threshold) mass, at least k_min, at most k_max (None: no
     cap; 0: none, the correction covers every candidate) candidates. The (nq, nk) scores are
-    computed in up to `chunks` ranges of at least `min_blocks` query blocks. straight_through=False
+    computed in ranges of query blocks holding about `chunk_scores` scores per (batch, head) each,
+    at least `min_blocks` query blocks; when there are several ranges and a gradient is needed, each
+    is recomputed in the backward (nothing of size nq x nk is kept). straight_through=False
     drops the straight-through bias's gradient (the dense-equivalent setting: no gradient path
     through the pooled means)."""
     score_q: torch.Tensor
@@ -55,7 +61,7 @@ class Scorer(NamedTuple):
     threshold: float
     k_min: int
     k_max: Optional[int]
-    chunks: int = 4
+    chunk_scores: int = 1 << 16
     min_blocks: int = 64
     straight_through: bool = True
     first: int = 0  # 1: block 0 is forced (always attended), not a candidate
@@ -129,17 +135,24 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
 
 
 def _select_in_chunks(q_prev, kbar, vbar, q_block0, scorer, correction):
-    """score_and_select over up to scorer.chunks ranges of query blocks, each against only the
-    key blocks it can see (the score matrix is block-lower-triangular): about half the work."""
-    nq = q_prev.shape[2]
+    """score_and_select over ranges of query blocks, each against only the key blocks it can see
+    (the score matrix is block-lower-triangular: about half the work). With more than one range
+    and a gradient to compute, each range runs under activation checkpointing: its backward
+    recomputes the range's scores, so what autograd keeps is linear in the number of blocks (the
+    inputs and outputs), and the peak holds one range's scores, about chunk_scores per (batch, head)."""
+    nq, nk = q_prev.shape[2], kbar.shape[2]
     k = n_slots(q_block0 + nq, scorer.k_max, scorer.first)
-    per = max(scorer.min_blocks, -(-nq // scorer.chunks))
+    per = max(scorer.min_blocks, scorer.chunk_scores // max(nk, 1))
+    recompute = nq > per and torch.is_grad_enabled()
     sels, sts, cs = [], [], []
     for a in range(0, nq, per):
         e = min(nq, a + per)
-        width = max(q_block0 + e - 2, 0)  # candidates of the chunk's last block: j <= q_block0+e-3
-        sel, st, c = score_and_select(q_prev[:, :, a:e], kbar[:, :, :width], vbar[:, :, :width], q_block0 + a,
-                                      scorer, correction)
+        width = max(q_block0 + e - 2, 0)  # candidates of the range's last block: j <= q_block0+e-3
+        args = (q_prev[:, :, a:e], kbar[:, :, :width], vbar[:, :, :width], q_block0 + a, scorer, correction)
+        if recompute:
+            sel, st, c = checkpoint(score_and_select, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            sel, st, c = score_and_select(*args)
         sels.append(F.pad(sel, (0, k - sel.shape[-1]), value=-1))  # same number of slots everywhere
         sts.append(F.pad(st, (0, k - st.shape[-1])))
         cs.append(c)
@@ -318,18 +331,72 @@ def window_attention(q, kp, vp, q0, S, block, window, work=None):
     return o[:, :, q0 - i0 * block:S - i0 * block]
 
 
-def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None, means=None, window=0):
+def n_compressed(S, length, stride):
+    """Compressed blocks complete among S tokens: windows [j stride, j stride + length) inside 0..S-1."""
+    return 0 if S < length else (S - length) // stride + 1
+
+
+def compressed_blocks(t, length, stride, j0=0, S=None):
+    """Means of t (B, H, >= S, D) over the complete windows j0.. of `length` tokens taken every
+    `stride` tokens among its first S (default: all) rows: (B, H, n_compressed(S) - j0, D)."""
+    S = t.shape[2] if S is None else S
+    n = n_compressed(S, length, stride)
+    if n <= j0:
+        return t.new_zeros(t.shape[0], t.shape[1], 0, t.shape[3])
+    return t[:, :, j0 * stride:(n - 1) * stride + length].unfold(2, length, stride).mean(-1)
+
+
+def _compressed_rows(q, kc, vc, q0, length, stride):
+    """Queries q (B, H, R, D) at positions q0.. against the compressed blocks complete at each
+    (j stride + length - 1 <= t), plus a null slot of logit 0 and value 0 (a query before the
+    first complete block gets 0)."""
+    B, H, R, D = q.shape
+    t = torch.arange(q0, q0 + R, device=q.device).view(R, 1)
+    n = kc.shape[2]
+    mask = torch.arange(n + 1, device=q.device) <= torch.div(t + 1 - length, stride, rounding_mode="floor") + 1
+    null = q.new_zeros(B, H, 1, D)
+    return F.scaled_dot_product_attention(q, torch.cat([null, kc.to(q.dtype)], 2),
+                                          torch.cat([null, vc.to(q.dtype)], 2), attn_mask=mask)
+
+
+def compressed_attention(q, kc, vc, q0, length, stride, chunk_scores=1 << 16, min_rows=64):
+    """NSA's compressed branch: each query t of q (B, H, R, D), at positions q0..q0+R-1, attends
+    (softmax over q_t . kc_j / sqrt(D), plus a null slot) to the compressed keys/values kc, vc
+    (B, H, >= n_compressed(q0 + R), D) of the windows complete at t. Query rows run in ranges of
+    about chunk_scores scores per (batch, head) (at least min_rows rows), each against only the blocks it can see; with
+    several ranges and a gradient to compute, each range is recomputed in the backward (memory
+    linear in T, as for the scores)."""
+    R = q.shape[2]
+    per = max(min_rows, chunk_scores // max(n_compressed(q0 + R, length, stride), 1))
+    recompute = R > per and torch.is_grad_enabled()
+    outs = []
+    for a in range(0, R, per):
+        e = min(R, a + per)
+        n = n_compressed(q0 + e, length, stride)
+        args = (q[:, :, a:e], kc[:, :, :n], vc[:, :, :n], q0 + a, length, stride)
+        outs.append(checkpoint(_compressed_rows, *args, use_reentrant=False, preserve_rng_state=False)
+                    if recompute else _compressed_rows(*args))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+
+def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None, means=None, window=0, compress=None,
+                               compressed=None):
     """The adaptive-sparse mixing of the queries q (B, H, S - q0, D) at positions q0..S-1 against
     k, v (B, H, >= S, D) (rows past S are ignored): outputs (B, H, S - q0, D), the kept candidates (B, H, nq, n_slots) of the
     query blocks computed (block ids, best first, -1 = none; no grad) and their ids (nq,). gates:
     (g_sel, g_cmp), each (B, H, S - q0, 1), or None (no correction), plus g_win with window > 0
-    (the sliding-window branch of window tokens, added as g_win * o_win); scorer: a Scorer. means: the
+    (the sliding-window branch of window tokens, added as g_win * o_win); compress: (length, stride)
+    or None: NSA's per-token compressed branch (compressed_attention) takes the place of the
+    per-block correction under g_cmp, over `compressed` = (kc, vc), the compressed blocks of the
+    cache (decode keeps them incrementally), or None: computed here from k, v. scorer: a Scorer. means: the
     block means (qbar, kbar, vbar), each (B, H, >= ceil(S/block) - 1, D), of the complete blocks
     (decode keeps them incrementally), or None: computed here from q, k, v (then q0 must be 0).
     The selected-block attention runs the Triton kernel on CUDA for block >= 16, a power of two
     (and q0 < block), as_block_sparse_attention_buckets otherwise (work: its tile counter)."""
     if window and (gates is None or len(gates) < 3):
         raise ValueError("adaptive_sparse_attention: window > 0 needs the gates (g_sel, g_cmp, g_win)")
+    if compress and gates is None:
+        raise ValueError("adaptive_sparse_attention: compress needs the gates (g_sel, g_cmp)")
     B, H, _, D = k.shape
     S = q0 + q.shape[2]  # k, v may run past S (decode keeps its cache padded to whole blocks)
     Bk = block
@@ -351,7 +418,8 @@ def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None, mean
     if i0 == 0:  # block 0 has no previous block (and no candidates): a zero placeholder
         q_prev = torch.cat([q_prev.new_zeros(B, H, 1, D), q_prev], 2)
     nq = nb - i0
-    sel, st, c = _select_in_chunks(q_prev, kbar, vbar, i0, scorer, correction=gates is not None)
+    correction = gates is not None and not compress  # the per-block correction (else the compressed branch)
+    sel, st, c = _select_in_chunks(q_prev, kbar, vbar, i0, scorer, correction=correction)
     blocks = torch.arange(i0, nb, device=q.device)
     forced = [torch.where(blocks > 0, blocks - 1, -1), blocks]  # previous block, own block
     if scorer.first:  # and block 0, from block 2 on (before, it is the previous or own block)
@@ -370,15 +438,20 @@ def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None, mean
         qp = F.pad(q, (0, 0, q0 - i0 * Bk, pad))
         o = as_block_sparse_attention_buckets(qp, kp, vp, idx, bias, Bk, i0, work)
     if q0 == 0 and pad == 0:  # the usual forward: rows are whole blocks, no slicing needed
-        if gates is not None:  # every token of block i gets its block's correction, gated per token
+        if correction:  # every token of block i gets its block's correction, gated per token
             g_sel, g_cmp = (g.view(B, H, nq, Bk, 1) for g in gates[:2])
             o = o.view(B, H, nq, Bk, D) * g_sel + g_cmp * c.to(o.dtype).unsqueeze(3)
         o = o.view(B, H, S, D)
     else:
         o = o[:, :, q0 - i0 * Bk - r0:S - i0 * Bk - r0]
-        if gates is not None:
+        if correction:
             rows = slice(q0 - i0 * Bk, S - i0 * Bk)
             o = gates[0] * o + gates[1] * c.to(o.dtype).repeat_interleave(Bk, dim=2)[:, :, rows]
+    if compress:
+        length, stride = compress
+        kc, vc = compressed if compressed is not None else (compressed_blocks(t, length, stride, S=S) for t in (k, v))
+        o_cmp = compressed_attention(q, kc, vc, q0, length, stride, scorer.chunk_scores, scorer.min_blocks * block)
+        o = gates[0] * o + gates[1] * o_cmp.to(o.dtype)
     if window:
         o = o + gates[2] * window_attention(q, kp, vp, q0, S, Bk, window, work).to(o.dtype)
     return o, sel, blocks

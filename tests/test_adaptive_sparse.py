@@ -57,7 +57,7 @@ def reference(m, x):
                         else:
                             break
                     dropped = [r for r, j in enumerate(cands) if j not in kept]
-                    if m.gate is not None and dropped:  # null slot: logit 0, value 0
+                    if m.gate is not None and dropped and not m.compress:  # null slot: logit 0, value 0
                         w = torch.cat([s.new_zeros(1), s[dropped]]).softmax(0)[1:]
                         corr = sum(w_r * mean(vh, cands[r]) for w_r, r in zip(w, dropped))
                 attend = kept + ([0] if first and i >= 2 else []) + ([i - 1] if i > 0 else []) + [i]
@@ -65,6 +65,12 @@ def reference(m, x):
                     keys = [s for j in attend for s in range(j * Bk, (j + 1) * Bk) if s <= t]
                     p = (kh[keys] @ qh[t] / math.sqrt(D)).softmax(0)
                     o = p @ vh[keys]
+                    if m.compress:  # per token: the compressed windows ending by t, plus a null slot
+                        L, stride = m.compress
+                        ends = [j for j in range(0, T, stride) if j + L - 1 <= t]
+                        kc = torch.stack([kh.new_zeros(D)] + [kh[j:j + L].mean(0) for j in ends])
+                        vc = torch.stack([vh.new_zeros(D)] + [vh[j:j + L].mean(0) for j in ends])
+                        corr = (kc @ qh[t] / math.sqrt(D)).softmax(0) @ vc
                     out[b, t, h] = o if g is None else g[b, t, 0, h] * o + g[b, t, 1, h] * corr
                     if win_len:  # the sliding-window branch: its own softmax over t-w < s <= t, its own gate
                         win = list(range(max(0, t - win_len + 1), t + 1))
@@ -80,7 +86,7 @@ def reference(m, x):
                                         (24, dict(as_block=2, as_dense_equivalent=True), 4)])
 def test_matches_loop_reference(T, kw, chunk):
     m = block(**kw).double()
-    m.select_min_blocks = chunk  # small values: the scores are computed in several query chunks
+    m.select_chunk_scores, m.select_min_blocks = 1, chunk  # small: the scores are computed in several ranges
     torch.nn.init.normal_(m.score_q, std=1.0)  # peaky scores, so the threshold decides
     torch.nn.init.normal_(m.score_log_temp, std=0.3)
     x = torch.randn(2, T, 32, dtype=torch.float64)
@@ -307,6 +313,53 @@ def test_straight_through_gradient_is_that_of_log_pi():
         assert rel_err(a, b) < 1e-10
 
 
+def test_scores_in_recomputed_ranges_give_the_same_gradients():
+    """Scoring in many checkpointed ranges (recomputed in the backward) gives the outputs and
+    every gradient (input, scorer with its straight-through term, gates) of one range."""
+    torch.manual_seed(3)
+    m = block(as_block=2, as_k_max=3, as_threshold=0.6).double()
+    torch.nn.init.normal_(m.score_q, std=1.0)
+    x = torch.randn(2, 53, 32, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 53, 32, dtype=torch.float64)
+    results = []
+    for chunk_scores, min_blocks in ((1 << 30, 64), (1, 4)):
+        m.select_chunk_scores, m.select_min_blocks = chunk_scores, min_blocks
+        y = m(x)
+        params = [x, m.score_q, m.score_k, m.score_log_temp] + list(m.gate.parameters()) + list(m.c_attn.parameters())
+        results.append([y] + list(torch.autograd.grad(y, params, dy)))
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-12
+    assert all(g.abs().sum() > 0 for g in results[1][1:])  # the scorer's too: a real gradient compared
+
+
+def saved_bytes(fn):
+    """Bytes of the distinct tensors autograd keeps for backward while fn() builds its graph."""
+    kept = {}
+
+    def pack(t):
+        kept[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(kept.values()), out
+
+
+def test_saved_memory_is_linear_in_the_number_of_blocks():
+    """Autograd keeps nothing of size (T/B)^2: doubling T (and the number of blocks) at most about
+    doubles the saved bytes. Blocks of 2 make the (nq, nk) scores the dominant term if they were
+    kept (at 2048 blocks, 2048^2 floats per head is 8x everything linear)."""
+    m = block(C=16, H=1, as_block=2, as_k_max=2, as_threshold=0.9)
+    m.select_min_blocks = 16
+    sizes = []
+    for T in (2048, 4096):
+        x = torch.randn(1, T, 16, requires_grad=True)
+        sizes.append(saved_bytes(lambda: m(x))[0])
+    assert sizes[1] / sizes[0] < 2.3, sizes
+    m.select_chunk_scores = 1 << 30  # one range, nothing recomputed: the scores are kept, and it shows
+    full = saved_bytes(lambda: m(torch.randn(1, 4096, 16, requires_grad=True)))[0]
+    assert full > 2 * sizes[1], (full, sizes)
+
+
 def test_gradcheck(monkeypatch):
     torch.manual_seed(1)
     Bk, nq, D = 3, 4, 5
@@ -353,7 +406,7 @@ def test_decode_matches_forward_and_keeps_means_incrementally(Bk, cuts, monkeypa
     complete several blocks; each complete block's mean is computed once (3 x the tokens of the
     complete blocks in all, not once per token), and the state's means are the forward's."""
     m = block(as_block=Bk, as_k_max=2, as_threshold=0.7).double()
-    m.select_min_blocks = 3
+    m.select_chunk_scores, m.select_min_blocks = 1, 3
     torch.nn.init.normal_(m.score_q, std=1.0)  # peaky scores, so the threshold decides
     x = torch.randn(2, 45, 32, dtype=torch.float64)
     full = m(x)
@@ -549,7 +602,10 @@ OPTION_CASES = [(37, dict(as_block=4, as_window=5), 64),  # window not a multipl
                 (40, dict(as_block=4, as_window=9, as_k_max=3), 3),
                 (29, dict(as_block=3, as_force_first=True, as_k_min=2), 2),
                 (37, dict(as_block=4, as_force_first=True, as_k_max=0), 64),  # k_max 0: only forced blocks
-                (41, dict(as_block=4, as_force_first=True, as_window=6), 3)]
+                (41, dict(as_block=4, as_force_first=True, as_window=6), 3),
+                (37, dict(as_block=4, as_compress=8, as_compress_stride=4), 64),  # overlapping, as NSA's 32/16
+                (43, dict(as_block=3, as_compress=5, as_compress_stride=5, as_k_max=0), 2),  # touching, odd
+                (45, dict(as_block=4, as_compress=6, as_compress_stride=4, as_window=7, as_force_first=True), 3)]
 
 
 @pytest.mark.parametrize("T,kw,chunk", OPTION_CASES)
@@ -558,7 +614,7 @@ def test_options_match_loop_reference(T, kw, chunk):
     against the loop reference, a masked softmax per token: outputs and input gradients."""
     kw = dict(dict(as_k_max=2, as_threshold=0.6), **kw)
     m = block(**kw).double()
-    m.select_min_blocks = chunk
+    m.select_chunk_scores, m.select_min_blocks = 1, chunk
     torch.nn.init.normal_(m.score_q, std=1.0)
     torch.nn.init.normal_(m.score_log_temp, std=0.3)
     x = torch.randn(2, T, 32, dtype=torch.float64, requires_grad=True)
@@ -596,7 +652,7 @@ def test_options_change_the_output():
     module too): the same weights with the option off give a different output."""
     x = torch.randn(1, 40, 32)
     base = block(as_block=4, as_k_max=1, as_threshold=0.3)
-    for kw in (dict(as_force_first=True), dict(as_window=6)):
+    for kw in (dict(as_force_first=True), dict(as_window=6), dict(as_compress=8, as_compress_stride=4)):
         m = block(as_block=4, as_k_max=1, as_threshold=0.3, **kw)
         sd = {k: v for k, v in base.state_dict().items() if not k.startswith("gate")}
         m.load_state_dict(sd, strict=False)
@@ -604,16 +660,18 @@ def test_options_change_the_output():
 
 
 def test_causality_through_gpt_with_every_option():
-    m = tiny_gpt(as_window=6, as_force_first=True).eval()
+    m = tiny_gpt(as_window=6, as_force_first=True, as_compress=8, as_compress_stride=4).eval()
     idx = torch.randint(0, 40, (3, 64))
     m(idx, idx)
     assert_causal(m, idx, (0, 9, 23, 24, 50), vocab_size=40, atol=1e-6)
 
 
-@pytest.mark.parametrize("kw", [dict(as_window=6), dict(as_force_first=True), dict(as_window=5, as_force_first=True)])
+@pytest.mark.parametrize("kw", [dict(as_window=6), dict(as_force_first=True), dict(as_window=5, as_force_first=True),
+                                dict(as_compress=7, as_compress_stride=3),
+                                dict(as_compress=8, as_compress_stride=4, as_window=5, as_force_first=True)])
 def test_decode_matches_forward_with_options(kw, monkeypatch):
     m = block(as_block=4, as_k_max=2, as_threshold=0.7, **kw).double()
-    m.select_min_blocks = 3
+    m.select_chunk_scores, m.select_min_blocks = 1, 3
     torch.nn.init.normal_(m.score_q, std=1.0)
     x = torch.randn(2, 45, 32, dtype=torch.float64)
     out, _, averaged = decode_in_pieces(m, x, (10,) + tuple(range(11, 30)) + (37,), monkeypatch)
@@ -628,3 +686,15 @@ def test_decode_matches_forward_with_options(kw, monkeypatch):
 def test_window_with_dense_equivalent_is_a_value_error():
     with pytest.raises(ValueError, match="as_window"):
         block(as_dense_equivalent=True, as_window=8)
+    with pytest.raises(ValueError, match="as_compress"):
+        block(as_dense_equivalent=True, as_compress=8)
+    with pytest.raises(ValueError, match="as_compress_stride"):
+        block(as_compress=8, as_compress_stride=9)  # gaps between windows: tokens never compressed
+
+
+def test_compressed_branch_memory_is_linear():
+    """The compressed branch keeps nothing of size T x T/stride for backward (ranges recomputed)."""
+    m = block(C=16, H=1, as_block=8, as_k_max=1, as_compress=4, as_compress_stride=2)
+    m.select_chunk_scores, m.select_min_blocks = 1 << 12, 4
+    sizes = [saved_bytes(lambda: m(torch.randn(1, T, 16, requires_grad=True)))[0] for T in (2048, 4096)]
+    assert sizes[1] / sizes[0] < 2.3, sizes

@@ -35,6 +35,7 @@ def test_long_configs_share_shape_and_schedule():
     assert len({load(f)["attention"] for f in BLOCKS}) == 5
     nsa = load("long_nsa.py")
     assert nsa["attention"] == "adaptive-sparse" and nsa["as_window"] > 0 and nsa["as_force_first"]
+    assert 0 < nsa["as_compress_stride"] < nsa["as_compress"]  # NSA's overlapping compressed blocks
     vq = load("long_vq.py")
     assert vq["block_size"] // vq["vq_block_len"] >= 8  # the cache acts: at least 8 blocks
     assert load("long_adaptive_sparse.py")["as_k_max"] * 4 >= 4096 // load("long_adaptive_sparse.py")["as_block"]
