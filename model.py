@@ -790,9 +790,11 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 #
 # Cost per layer and head, T tokens, n = T/B blocks, k = as_k_max, r = as_score_dim: scoring,
 # selection and correction O(n^2 (r + d)) time, in ranges of query blocks of about 2^16 scores each,
-# each range against only the key blocks it can see (about half the square); with several ranges each
-# is recomputed in the backward, so autograd keeps O(n (k + r + d)) of it and the peak holds one
-# range's scores: memory linear in T (tested on the saved tensors). Selected attention O(T (kbar+2) B d)
+# each range against only the key blocks it can see (about half the square); with several ranges and
+# more than 2^22 scores in all (over batch and heads; below that keeping them, <= ~40 MB, is cheaper
+# than torch's checkpointing) each range is recomputed in the backward, so autograd keeps
+# O(n (k + r + d)) of it and the peak holds one range's scores: memory linear in T (tested on the
+# saved tensors). Selected attention O(T (kbar+2) B d)
 # time and O(T (kbar+2) B) memory, kbar <= k the mean number of blocks kept (the work follows the kept
 # blocks, not the cap). The compressed branch, when on, O(T^2 d / (2 stride)) time in ranges recomputed
 # likewise. No T x T tensor, and memory O(T k B) in all.
@@ -800,8 +802,10 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 # kbar, vbar of the complete blocks, each computed once when its block completes (and the queries
 # of the current partial block); each new query's block is selected by the same rule from the
 # same means, so decode equals the full forward and greedy cached generation equals full
-# recompute; O(n r (d + 1) + (k+2) B d) per token at context S, n = S/B blocks (amortised O(d)
-# for the cache append): no mean is recomputed, the cache is not copied. With as_compress the
+# recompute. A block's selection depends only on the blocks before it, so it is computed at the
+# block's first token and reused by the rest: O(n r (d + 1) / B + (k+2) B d) per token at context
+# S, n = S/B blocks, amortised (and O(d) for the cache append): no mean is recomputed, the cache
+# is not copied. With as_compress the
 # compressed blocks are kept the same way (each pooled once, when its window completes).
 #
 # kernels/adaptive_sparse.py: scoring, selection and correction in PyTorch; the selected-block
@@ -866,13 +870,15 @@ class AdaptiveSparseAttention(nn.Module):
     _out = DenseAttention._out
 
     # the (nq, nk) scores in ranges of about select_chunk_scores scores per (batch, head), at least
-    # select_min_blocks query blocks each (recomputed in the backward when there are several)
-    select_chunk_scores, select_min_blocks = 1 << 16, 64
+    # select_min_blocks query blocks each (recomputed in the backward when there are several and the
+    # whole matrix exceeds select_recompute_scores entries)
+    select_chunk_scores, select_min_blocks, select_recompute_scores = 1 << 16, 64, 1 << 22
 
     def scorer(self):
         """The scorer's parameters and the selection rule, for adaptive_sparse_attention."""
         return Scorer(self.score_q, self.score_k, self.score_log_temp, self.threshold, self.k_min, self.k_max,
-                      self.select_chunk_scores, self.select_min_blocks, straight_through=not self.dense_equivalent,
+                      self.select_chunk_scores, self.select_min_blocks, self.select_recompute_scores,
+                      straight_through=not self.dense_equivalent,
                       first=self.force_first)
 
     def _gates(self, x):
@@ -908,8 +914,9 @@ class AdaptiveSparseAttention(nn.Module):
         """Incremental pass; state None starts at position 0. The state: the key/value cache, in a
         zero-filled buffer grown by doubling and written in place (no per-token copy of the cache;
         a second decode from an already extended state copies it first), the means (qbar, kbar,
-        vbar) of the complete blocks (each appended once, when its block completes) and the
-        queries of the current partial block (fewer than as_block)."""
+        vbar) of the complete blocks (each appended once, when its block completes), the
+        queries of the current partial block (fewer than as_block) and the current block's
+        selection and correction (computed at its first token, reused by the others)."""
         q0 = 0 if state is None else state["len"]
         q, k, v = self._heads(x, q0)
         Bk = self.block
@@ -941,9 +948,11 @@ class AdaptiveSparseAttention(nn.Module):
             length, stride = self.compress
             cmp = [q[:, :, :0]] * 2 if state is None else state["cmp"]
             cmp = [torch.cat([c, compressed_blocks(t, length, stride, c.shape[2], S)], 2) for c, t in zip(cmp, (k, v))]
+        cache = {} if state is None else state["selection"]  # the current block's selection, reused per token
         o, _, _ = adaptive_sparse_attention(q, k, v, self._gates(x), q0, Bk, self.scorer(), means=means,
-                                            window=self.window, compress=self.compress, compressed=cmp)
-        state = dict(buf=buf, len=S, means=means, q_part=q_blk[:, :, (n_new - n_old) * Bk:], cmp=cmp)
+                                            window=self.window, compress=self.compress, compressed=cmp,
+                                            selection_cache=cache)
+        state = dict(buf=buf, len=S, means=means, q_part=q_blk[:, :, (n_new - n_old) * Bk:], cmp=cmp, selection=cache)
         return self._out(o), state
 
     def extra_metrics(self):

@@ -51,8 +51,9 @@ class Scorer(NamedTuple):
     (H,) log-temperatures; keep the top-p (threshold) mass, at least k_min, at most k_max (None: no
     cap; 0: none, the correction covers every candidate) candidates. The (nq, nk) scores are
     computed in ranges of query blocks holding about `chunk_scores` scores per (batch, head) each,
-    at least `min_blocks` query blocks; when there are several ranges and a gradient is needed, each
-    is recomputed in the backward (nothing of size nq x nk is kept). straight_through=False
+    at least `min_blocks` query blocks; when there are several ranges, a gradient is needed and the
+    whole score matrix (over batch and heads) exceeds `recompute_scores` entries, each range is
+    recomputed in the backward (nothing of size nq x nk is kept). straight_through=False
     drops the straight-through bias's gradient (the dense-equivalent setting: no gradient path
     through the pooled means)."""
     score_q: torch.Tensor
@@ -63,6 +64,7 @@ class Scorer(NamedTuple):
     k_max: Optional[int]
     chunk_scores: int = 1 << 16
     min_blocks: int = 64
+    recompute_scores: int = 1 << 22
     straight_through: bool = True
     first: int = 0  # 1: block 0 is forced (always attended), not a candidate
 
@@ -143,7 +145,9 @@ def _select_in_chunks(q_prev, kbar, vbar, q_block0, scorer, correction):
     nq, nk = q_prev.shape[2], kbar.shape[2]
     k = n_slots(q_block0 + nq, scorer.k_max, scorer.first)
     per = max(scorer.min_blocks, scorer.chunk_scores // max(nk, 1))
-    recompute = nq > per and torch.is_grad_enabled()
+    # below recompute_scores (about 40 MB kept) recomputing costs more than it saves: torch's
+    # checkpointing held ~58 MB more resident memory than it freed for one block at T=32k, blocks of 64
+    recompute = nq > per and torch.is_grad_enabled() and q_prev.shape[0] * q_prev.shape[1] * nq * nk > scorer.recompute_scores
     sels, sts, cs = [], [], []
     for a in range(0, nq, per):
         e = min(nq, a + per)
@@ -359,16 +363,17 @@ def _compressed_rows(q, kc, vc, q0, length, stride):
                                           torch.cat([null, vc.to(q.dtype)], 2), attn_mask=mask)
 
 
-def compressed_attention(q, kc, vc, q0, length, stride, chunk_scores=1 << 16, min_rows=64):
+def compressed_attention(q, kc, vc, q0, length, stride, chunk_scores=1 << 16, min_rows=64, recompute_scores=1 << 22):
     """NSA's compressed branch: each query t of q (B, H, R, D), at positions q0..q0+R-1, attends
     (softmax over q_t . kc_j / sqrt(D), plus a null slot) to the compressed keys/values kc, vc
     (B, H, >= n_compressed(q0 + R), D) of the windows complete at t. Query rows run in ranges of
     about chunk_scores scores per (batch, head) (at least min_rows rows), each against only the blocks it can see; with
-    several ranges and a gradient to compute, each range is recomputed in the backward (memory
-    linear in T, as for the scores)."""
+    several ranges, a gradient to compute and more than recompute_scores scores in all, each range
+    is recomputed in the backward (memory linear in T, as for the scores)."""
     R = q.shape[2]
     per = max(min_rows, chunk_scores // max(n_compressed(q0 + R, length, stride), 1))
-    recompute = R > per and torch.is_grad_enabled()
+    B, H = q.shape[:2]
+    recompute = R > per and torch.is_grad_enabled() and B * H * R * kc.shape[2] > recompute_scores
     outs = []
     for a in range(0, R, per):
         e = min(R, a + per)
@@ -380,7 +385,7 @@ def compressed_attention(q, kc, vc, q0, length, stride, chunk_scores=1 << 16, mi
 
 
 def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None, means=None, window=0, compress=None,
-                               compressed=None):
+                               compressed=None, selection_cache=None):
     """The adaptive-sparse mixing of the queries q (B, H, S - q0, D) at positions q0..S-1 against
     k, v (B, H, >= S, D) (rows past S are ignored): outputs (B, H, S - q0, D), the kept candidates (B, H, nq, n_slots) of the
     query blocks computed (block ids, best first, -1 = none; no grad) and their ids (nq,). gates:
@@ -391,6 +396,9 @@ def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None, mean
     cache (decode keeps them incrementally), or None: computed here from k, v. scorer: a Scorer. means: the
     block means (qbar, kbar, vbar), each (B, H, >= ceil(S/block) - 1, D), of the complete blocks
     (decode keeps them incrementally), or None: computed here from q, k, v (then q0 must be 0).
+    selection_cache: a dict (decode): when every query lies in one block, that block's selection and
+    correction are kept there and reused by the next queries of the same block (they depend only on
+    the complete blocks before it and the scorer, so every token of a block gets the same ones).
     The selected-block attention runs the Triton kernel on CUDA for block >= 16, a power of two
     (and q0 < block), as_block_sparse_attention_buckets otherwise (work: its tile counter)."""
     if window and (gates is None or len(gates) < 3):
@@ -419,7 +427,13 @@ def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None, mean
         q_prev = torch.cat([q_prev.new_zeros(B, H, 1, D), q_prev], 2)
     nq = nb - i0
     correction = gates is not None and not compress  # the per-block correction (else the compressed branch)
-    sel, st, c = _select_in_chunks(q_prev, kbar, vbar, i0, scorer, correction=correction)
+    key = (i0, correction) + tuple(p._version for p in scorer[:3])  # a training step bumps the versions
+    if selection_cache is not None and nq == 1 and selection_cache.get("key") == key:
+        sel, st, c = selection_cache["value"]
+    else:
+        sel, st, c = _select_in_chunks(q_prev, kbar, vbar, i0, scorer, correction=correction)
+        if selection_cache is not None and nq == 1:
+            selection_cache.update(key=key, value=(sel, st, c))
     blocks = torch.arange(i0, nb, device=q.device)
     forced = [torch.where(blocks > 0, blocks - 1, -1), blocks]  # previous block, own block
     if scorer.first:  # and block 0, from block 2 on (before, it is the previous or own block)
@@ -450,7 +464,8 @@ def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None, mean
     if compress:
         length, stride = compress
         kc, vc = compressed if compressed is not None else (compressed_blocks(t, length, stride, S=S) for t in (k, v))
-        o_cmp = compressed_attention(q, kc, vc, q0, length, stride, scorer.chunk_scores, scorer.min_blocks * block)
+        o_cmp = compressed_attention(q, kc, vc, q0, length, stride, scorer.chunk_scores, scorer.min_blocks * block,
+                                     scorer.recompute_scores)
         o = gates[0] * o + gates[1] * o_cmp.to(o.dtype)
     if window:
         o = o + gates[2] * window_attention(q, kp, vp, q0, S, Bk, window, work).to(o.dtype)

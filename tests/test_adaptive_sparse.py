@@ -86,7 +86,7 @@ def reference(m, x):
                                         (24, dict(as_block=2, as_dense_equivalent=True), 4)])
 def test_matches_loop_reference(T, kw, chunk):
     m = block(**kw).double()
-    m.select_chunk_scores, m.select_min_blocks = 1, chunk  # small: the scores are computed in several ranges
+    m.select_chunk_scores, m.select_min_blocks, m.select_recompute_scores = 1, chunk, 0  # several ranges, recomputed
     torch.nn.init.normal_(m.score_q, std=1.0)  # peaky scores, so the threshold decides
     torch.nn.init.normal_(m.score_log_temp, std=0.3)
     x = torch.randn(2, T, 32, dtype=torch.float64)
@@ -323,7 +323,7 @@ def test_scores_in_recomputed_ranges_give_the_same_gradients():
     dy = torch.randn(2, 53, 32, dtype=torch.float64)
     results = []
     for chunk_scores, min_blocks in ((1 << 30, 64), (1, 4)):
-        m.select_chunk_scores, m.select_min_blocks = chunk_scores, min_blocks
+        m.select_chunk_scores, m.select_min_blocks, m.select_recompute_scores = chunk_scores, min_blocks, 0
         y = m(x)
         params = [x, m.score_q, m.score_k, m.score_log_temp] + list(m.gate.parameters()) + list(m.c_attn.parameters())
         results.append([y] + list(torch.autograd.grad(y, params, dy)))
@@ -349,7 +349,7 @@ def test_saved_memory_is_linear_in_the_number_of_blocks():
     doubles the saved bytes. Blocks of 2 make the (nq, nk) scores the dominant term if they were
     kept (at 2048 blocks, 2048^2 floats per head is 8x everything linear)."""
     m = block(C=16, H=1, as_block=2, as_k_max=2, as_threshold=0.9)
-    m.select_min_blocks = 16
+    m.select_min_blocks, m.select_recompute_scores = 16, 0
     sizes = []
     for T in (2048, 4096):
         x = torch.randn(1, T, 16, requires_grad=True)
@@ -406,7 +406,7 @@ def test_decode_matches_forward_and_keeps_means_incrementally(Bk, cuts, monkeypa
     complete several blocks; each complete block's mean is computed once (3 x the tokens of the
     complete blocks in all, not once per token), and the state's means are the forward's."""
     m = block(as_block=Bk, as_k_max=2, as_threshold=0.7).double()
-    m.select_chunk_scores, m.select_min_blocks = 1, 3
+    m.select_chunk_scores, m.select_min_blocks, m.select_recompute_scores = 1, 3, 0
     torch.nn.init.normal_(m.score_q, std=1.0)  # peaky scores, so the threshold decides
     x = torch.randn(2, 45, 32, dtype=torch.float64)
     full = m(x)
@@ -614,7 +614,7 @@ def test_options_match_loop_reference(T, kw, chunk):
     against the loop reference, a masked softmax per token: outputs and input gradients."""
     kw = dict(dict(as_k_max=2, as_threshold=0.6), **kw)
     m = block(**kw).double()
-    m.select_chunk_scores, m.select_min_blocks = 1, chunk
+    m.select_chunk_scores, m.select_min_blocks, m.select_recompute_scores = 1, chunk, 0
     torch.nn.init.normal_(m.score_q, std=1.0)
     torch.nn.init.normal_(m.score_log_temp, std=0.3)
     x = torch.randn(2, T, 32, dtype=torch.float64, requires_grad=True)
@@ -671,7 +671,7 @@ def test_causality_through_gpt_with_every_option():
                                 dict(as_compress=8, as_compress_stride=4, as_window=5, as_force_first=True)])
 def test_decode_matches_forward_with_options(kw, monkeypatch):
     m = block(as_block=4, as_k_max=2, as_threshold=0.7, **kw).double()
-    m.select_chunk_scores, m.select_min_blocks = 1, 3
+    m.select_chunk_scores, m.select_min_blocks, m.select_recompute_scores = 1, 3, 0
     torch.nn.init.normal_(m.score_q, std=1.0)
     x = torch.randn(2, 45, 32, dtype=torch.float64)
     out, _, averaged = decode_in_pieces(m, x, (10,) + tuple(range(11, 30)) + (37,), monkeypatch)
@@ -695,6 +695,29 @@ def test_window_with_dense_equivalent_is_a_value_error():
 def test_compressed_branch_memory_is_linear():
     """The compressed branch keeps nothing of size T x T/stride for backward (ranges recomputed)."""
     m = block(C=16, H=1, as_block=8, as_k_max=1, as_compress=4, as_compress_stride=2)
-    m.select_chunk_scores, m.select_min_blocks = 1 << 12, 4
+    m.select_chunk_scores, m.select_min_blocks, m.select_recompute_scores = 1 << 12, 4, 0
     sizes = [saved_bytes(lambda: m(torch.randn(1, T, 16, requires_grad=True)))[0] for T in (2048, 4096)]
     assert sizes[1] / sizes[0] < 2.3, sizes
+
+
+def test_decode_scores_once_per_block(monkeypatch):
+    """Token-by-token decode selects once per block (its first token) and reuses the selection for
+    the block's other tokens; an in-place change of the scorer (a training step) invalidates it."""
+    m = block(as_block=4, as_k_max=2, as_threshold=0.7).double().eval()
+    torch.nn.init.normal_(m.score_q, std=1.0)
+    x = torch.randn(2, 45, 32, dtype=torch.float64)
+    calls = []
+    select = AS.score_and_select
+    monkeypatch.setattr(AS, "score_and_select", lambda *a, **kw: calls.append(1) or select(*a, **kw))
+    state, outs = None, []
+    with torch.no_grad():
+        for t in range(45):
+            o, state = m.decode(x[:, t:t + 1], state)
+            outs.append(o)
+        assert rel_err(torch.cat(outs, 1), m(x)) < 1e-12
+        assert len(calls) - 1 == 12  # one per block of 4 among 45 tokens, plus the full forward just above
+        _, state = m.decode(x[:, 41:42], m.decode(x[:, :41], None)[1])  # token 41 selects for block 10
+        before = m.decode(x[:, 42:43], state)[0]
+        m.score_q.add_(torch.randn_like(m.score_q))  # as an optimizer step would
+        after = m.decode(x[:, 42:43], state)[0]  # token 42, same block: must select again
+        assert rel_err(after, m(x)[:, 42:43]) < 1e-12 and rel_err(after, before) > 1e-6
