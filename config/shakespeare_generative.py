@@ -11,7 +11,7 @@ mlp_ratio = 4.0  # nanoGPT's perceptron; --mlp_ratio=16.0 makes it four times la
 # nothing to scale with T: every position compares with its predecessor, and the running
 # mean covers the whole context at T=64 and T=256 alike
 scales = {
-    'cpu': dict(learning_rate=2e-3, min_lr=2e-4, eval_interval=500, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, max_iters=2500, lr_decay_iters=2500,
+    'cpu': dict(learning_rate=4e-3, min_lr=4e-4, eval_interval=500, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, max_iters=2500, lr_decay_iters=2500,
                 dropout=0.0),
     'gpu': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=5000, lr_decay_iters=5000,
                 dropout=0.2),
