@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.adaptive_sparse import Scorer, adaptive_sparse_attention, block_means, compressed_blocks, n_compressed, n_slots
+from kernels.adaptive_sparse import (Scorer, adaptive_sparse_attention, block_means, compressed_blocks, n_compressed,
+                                     n_slots)
 from kernels.generative import causal_generative_function, gf_compare
 from kernels.kernel_hashing import KH_SAMPLING, kernel_hashing_attention, kernel_hashing_query, kh_hash, kh_levels
 from kernels._triton import HAS_TRITON
@@ -78,7 +79,7 @@ class GPTConfig:
     as_dense_equivalent: bool = False
     as_window: int = 0  # NSA's sliding-window branch of this many tokens, gated per token (0: off)
     as_force_first: bool = False  # NSA's forced initial block: block 0 always attended, never scored
-    as_compress: int = 0  # NSA's per-token compressed branch over blocks of this many tokens, in place of the correction (0: off)
+    as_compress: int = 0  # NSA's per-token compressed branch over windows of this many tokens, replacing the correction (0: off)
     as_compress_stride: int = 16  # ... taken every this many tokens (NSA: length 32, stride 16)
     # generative-function (Hilsenbek 2024)
     gf_fn: str = "min"  # f in y_t = f(x_t, x_{t-1}): min (the paper's), max or mean
@@ -827,7 +828,8 @@ class AdaptiveSparseAttention(nn.Module):
                         ("as_k_max", config.as_k_max >= 0), ("as_threshold", 0 < config.as_threshold <= 1),
                         ("as_score_dim", config.as_score_dim >= 1), ("as_window", config.as_window >= 0),
                         ("as_compress", config.as_compress >= 0),
-                        ("as_compress_stride", not config.as_compress or 1 <= config.as_compress_stride <= config.as_compress)):
+                        ("as_compress_stride",
+                         not config.as_compress or 1 <= config.as_compress_stride <= config.as_compress)):
             if not ok:
                 raise ValueError(f"{key} out of range: got {getattr(config, key)!r} (see AdaptiveSparseAttention)")
         if config.as_window and config.as_dense_equivalent:

@@ -208,6 +208,9 @@ def main(argv):
     def fail(message):  # one line from rank 0 only; every rank exits 2
         if master:
             configurator.fail(message)
+        # the other ranks fail for the same reason; they wait so that rank 0 prints its line before torchrun,
+        # seeing a rank exit, stops the rest (a loaded machine could otherwise kill rank 0 first: no message)
+        time.sleep(30)
         sys.exit(2)
 
     split = split_batch(cfg["batch_size"], cfg["gradient_accumulation_steps"], world)

@@ -13,7 +13,7 @@
                          compressed_attention: NSA's per-token compressed branch over the windows of
                          compressed_blocks (SDPA in row ranges, recomputed in the backward)
     entry point          adaptive_sparse_attention: selection (in query-block ranges, recomputed in the
-                         backward when there are several: memory linear in T), then the
+                         backward when there are several and many scores: memory linear in T), then the
                          selected-block attention (Triton on CUDA, the bucketed path otherwise), gates;
                          block_means, which decode keeps incrementally and passes in (means=)
     Triton kernels       block_sparse_attention: block-sparse flash attention, below
@@ -138,8 +138,9 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
 
 def _select_in_chunks(q_prev, kbar, vbar, q_block0, scorer, correction):
     """score_and_select over ranges of query blocks, each against only the key blocks it can see
-    (the score matrix is block-lower-triangular: about half the work). With more than one range
-    and a gradient to compute, each range runs under activation checkpointing: its backward
+    (the score matrix is block-lower-triangular: about half the work). With more than one range,
+    a gradient to compute and more than scorer.recompute_scores scores in all (over batch and
+    heads), each range runs under activation checkpointing: its backward
     recomputes the range's scores, so what autograd keeps is linear in the number of blocks (the
     inputs and outputs), and the peak holds one range's scores, about chunk_scores per (batch, head)."""
     nq, nk = q_prev.shape[2], kbar.shape[2]
@@ -147,7 +148,8 @@ def _select_in_chunks(q_prev, kbar, vbar, q_block0, scorer, correction):
     per = max(scorer.min_blocks, scorer.chunk_scores // max(nk, 1))
     # below recompute_scores (about 40 MB kept) recomputing costs more than it saves: torch's
     # checkpointing held ~58 MB more resident memory than it freed for one block at T=32k, blocks of 64
-    recompute = nq > per and torch.is_grad_enabled() and q_prev.shape[0] * q_prev.shape[1] * nq * nk > scorer.recompute_scores
+    n_scores = q_prev.shape[0] * q_prev.shape[1] * nq * nk
+    recompute = nq > per and torch.is_grad_enabled() and n_scores > scorer.recompute_scores
     sels, sts, cs = [], [], []
     for a in range(0, nq, per):
         e = min(nq, a + per)
@@ -363,13 +365,14 @@ def _compressed_rows(q, kc, vc, q0, length, stride):
                                           torch.cat([null, vc.to(q.dtype)], 2), attn_mask=mask)
 
 
-def compressed_attention(q, kc, vc, q0, length, stride, chunk_scores=1 << 16, min_rows=64, recompute_scores=1 << 22):
+def compressed_attention(q, kc, vc, q0, length, stride, chunk_scores=1 << 16, min_rows=64,
+                         recompute_scores=1 << 22):
     """NSA's compressed branch: each query t of q (B, H, R, D), at positions q0..q0+R-1, attends
     (softmax over q_t . kc_j / sqrt(D), plus a null slot) to the compressed keys/values kc, vc
     (B, H, >= n_compressed(q0 + R), D) of the windows complete at t. Query rows run in ranges of
-    about chunk_scores scores per (batch, head) (at least min_rows rows), each against only the blocks it can see; with
-    several ranges, a gradient to compute and more than recompute_scores scores in all, each range
-    is recomputed in the backward (memory linear in T, as for the scores)."""
+    about chunk_scores scores per (batch, head) (at least min_rows rows), each against only the
+    blocks it can see; with several ranges, a gradient to compute and more than recompute_scores
+    scores in all, each range is recomputed in the backward (memory linear in T, as for the scores)."""
     R = q.shape[2]
     per = max(min_rows, chunk_scores // max(n_compressed(q0 + R, length, stride), 1))
     B, H = q.shape[:2]
