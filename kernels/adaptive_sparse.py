@@ -136,6 +136,13 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
     return sel, st, c
 
 
+def _run_range(fn, args, recompute):
+    """fn(*args), under activation checkpointing when recompute (the backward recomputes it)."""
+    if recompute:
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+    return fn(*args)
+
+
 def _select_in_chunks(q_prev, kbar, vbar, q_block0, scorer, correction):
     """score_and_select over ranges of query blocks, each against only the key blocks it can see
     (the score matrix is block-lower-triangular: about half the work). With more than one range,
@@ -155,10 +162,7 @@ def _select_in_chunks(q_prev, kbar, vbar, q_block0, scorer, correction):
         e = min(nq, a + per)
         width = max(q_block0 + e - 2, 0)  # candidates of the range's last block: j <= q_block0+e-3
         args = (q_prev[:, :, a:e], kbar[:, :, :width], vbar[:, :, :width], q_block0 + a, scorer, correction)
-        if recompute:
-            sel, st, c = checkpoint(score_and_select, *args, use_reentrant=False, preserve_rng_state=False)
-        else:
-            sel, st, c = score_and_select(*args)
+        sel, st, c = _run_range(score_and_select, args, recompute)
         sels.append(F.pad(sel, (0, k - sel.shape[-1]), value=-1))  # same number of slots everywhere
         sts.append(F.pad(st, (0, k - st.shape[-1])))
         cs.append(c)
@@ -382,8 +386,7 @@ def compressed_attention(q, kc, vc, q0, length, stride, chunk_scores=1 << 16, mi
         e = min(R, a + per)
         n = n_compressed(q0 + e, length, stride)
         args = (q[:, :, a:e], kc[:, :, :n], vc[:, :, :n], q0 + a, length, stride)
-        outs.append(checkpoint(_compressed_rows, *args, use_reentrant=False, preserve_rng_state=False)
-                    if recompute else _compressed_rows(*args))
+        outs.append(_run_range(_compressed_rows, args, recompute))
     return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
 
