@@ -5,7 +5,8 @@ Quality at a stated budget, with seeds, error bars and the n-gram floor: train e
     python compare.py --seeds=3                    # all five blocks, CPU scale, each config's own budget
     python compare.py --budget=tokens --budget_value=3e6 --attentions=dense,vq
     python compare.py --budget=seconds --budget_value=120
-    python compare.py --preset=long --seeds=2      # the five blocks and a dense-GAU ablation at T=4096
+    python compare.py --preset=long --seeds=2      # the five blocks, a dense-GAU ablation and adaptive-sparse with
+                                                   # its budget regulariser, at T=4096
     python compare.py --preset=batch_overfit       # Hilsenbek 2024's batch 64 vs 16, with an equal-token control
     python compare.py --preset=mlp_cost            # generative vs dense ms/iter and memory, MLP ratio 4 and 16
 
@@ -70,6 +71,9 @@ OVERFIT_SCALES = {
 }
 
 
+LONG_AS_BUDGET = 0.1  # the long preset's adaptive-sparse arm with the budget regulariser (model.py, as_budget)
+
+
 def runs_for(o):
     """[(arm name, config file, {flag: value})] for the chosen preset."""
     from model import ATTENTION
@@ -91,7 +95,8 @@ def runs_for(o):
                 for m, cfg, kw in models for tag, b, k in arms]
     if o["preset"] == "long":  # T=4096, one shape for all; plus Transformer-VQ's unit with exact attention
         blocks = [(n, f"config/{CONFIG_FILE[n].replace('shakespeare_', 'long_')}.py", dict(scale)) for n in ATTENTION]
-        return blocks + [("dense-gau", "config/long_vq.py", {**scale, "vq_quantize": False})]
+        return blocks + [("dense-gau", "config/long_vq.py", {**scale, "vq_quantize": False}),
+                         ("adaptive-sparse+budget", "config/long_adaptive_sparse.py", {**scale, "as_budget": LONG_AS_BUDGET})]
     if o["preset"] == "mlp_cost":
         base = {**scale, "max_iters": 200, "lr_decay_iters": 200, "eval_interval": 200}
         return [(f"{m}-mlp{r}", f"config/{CONFIG_FILE[a]}.py", {**base, "mlp_ratio": float(r)})

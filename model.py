@@ -53,6 +53,7 @@ class GPTConfig:
     mlp_activation: str = "gelu"  # a name in ACTIVATION
     attention: str = "dense"  # a name in ATTENTION
     rope: bool = False  # rotary positions on q, k instead of the wpe table (blocks with dense-like heads)
+    short_conv: int = 0  # width of a causal depthwise convolution before every mixer (Zoology, H3); 0: off
     # block-specific knobs, prefixed by the block they belong to; each section owns its lines
     # vq (Transformer-VQ)
     vq_codebook_size: int = 128
@@ -81,6 +82,7 @@ class GPTConfig:
     as_force_first: bool = False  # NSA's forced initial block: block 0 always attended, never scored
     as_compress: int = 0  # NSA's per-token compressed branch over windows of this many tokens, replacing the correction (0: off)
     as_compress_stride: int = 16  # ... taken every this many tokens (NSA: length 32, stride 16)
+    as_budget: float = 0.0  # weight of the budget regulariser: expected kept count / k_max, added to the loss (0: off)
     # generative-function (Hilsenbek 2024)
     gf_fn: str = "min"  # f in y_t = f(x_t, x_{t-1}): min (the paper's), max or mean
     gf_avg_context: bool = False  # also compare with the causal running mean of x_0..x_t
@@ -784,6 +786,16 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 # attention to block j would lower the loss; through the softmax normaliser the dropped
 # candidates get the opposite push. The gates learn by ordinary backprop.
 #
+# Budget regulariser (as_budget = lambda > 0, training only; DCP's sparsity term, here on the
+# top-p rule): the expected kept count of query block i,
+#   E_i = sum_{r <= k} sigma((p - M_ir) / kappa),   M_ir = the mass pi of the candidates ranked before r
+# (1 for the first k_min ranks; kappa = budget_softness = 0.1; E_i -> the kept count as kappa -> 0),
+# enters the loss as lambda * mean_i E_i / k over the scored query blocks. Its gradient sharpens pi
+# onto the best-ranked blocks, the direction in which the threshold, not k_max, sets the count; the
+# language-model loss decides which blocks are ranked first. pi at the ranked slots carries the
+# straight-through term's first-order gradient (the softmax normaliser's gradient is pi itself),
+# so it costs O(n k r) and keeps nothing of size n^2 (tested against the full softmax).
+#
 # Dense-equivalent setting (as_dense_equivalent=True): keep every block (p = 1, no k_max), no
 # correction or gates (g_sel = 1, g_cmp = 0) and no straight-through term (b_ij = 0 with no
 # gradient): exactly dense causal attention, in value and gradient (the scorer gets none). No attention-
@@ -827,7 +839,7 @@ class AdaptiveSparseAttention(nn.Module):
         for key, ok in (("as_block", config.as_block >= 1), ("as_k_min", config.as_k_min >= 0),
                         ("as_k_max", config.as_k_max >= 0), ("as_threshold", 0 < config.as_threshold <= 1),
                         ("as_score_dim", config.as_score_dim >= 1), ("as_window", config.as_window >= 0),
-                        ("as_compress", config.as_compress >= 0),
+                        ("as_compress", config.as_compress >= 0), ("as_budget", config.as_budget >= 0),
                         ("as_compress_stride",
                          not config.as_compress or 1 <= config.as_compress_stride <= config.as_compress)):
             if not ok:
@@ -859,6 +871,8 @@ class AdaptiveSparseAttention(nn.Module):
         self.score_q = nn.Parameter(proj.clone())
         self.score_k = nn.Parameter(proj.clone())
         self.score_log_temp = nn.Parameter(torch.zeros(self.n_head))  # per-head sharpness, not decayed
+        self.budget = 0.0 if self.dense_equivalent else config.as_budget
+        self.aux_loss = None  # budget * expected kept share of the last training forward (GPT adds it)
         # NSA-style gates (g_sel, g_cmp[, g_win]) per token and head; absent in the dense-equivalent setting
         n_gates = 3 if self.window else 2
         self.gate = None if self.dense_equivalent else nn.Linear(config.n_embd, n_gates * config.n_head, bias=True)
@@ -875,13 +889,14 @@ class AdaptiveSparseAttention(nn.Module):
     # select_min_blocks query blocks each (recomputed in the backward when there are several and the
     # whole matrix exceeds select_recompute_scores entries)
     select_chunk_scores, select_min_blocks, select_recompute_scores = 1 << 16, 64, 1 << 22
+    budget_softness = 0.1  # width of the sigmoid in the expected kept count (in scorer mass)
 
     def scorer(self):
         """The scorer's parameters and the selection rule, for adaptive_sparse_attention."""
         return Scorer(self.score_q, self.score_k, self.score_log_temp, self.threshold, self.k_min, self.k_max,
                       self.select_chunk_scores, self.select_min_blocks, self.select_recompute_scores,
                       straight_through=not self.dense_equivalent,
-                      first=self.force_first)
+                      first=self.force_first, softness=self.budget_softness if self.budget > 0 else 0.0)
 
     def _gates(self, x):
         """(g_sel, g_cmp[, g_win]), each (B, H, T, 1); None in the dense-equivalent setting."""
@@ -894,8 +909,14 @@ class AdaptiveSparseAttention(nn.Module):
     def forward(self, x):
         q, k, v = self._heads(x)
         gates = self._gates(x)
+        expected = [] if self.training and self.budget > 0 else None
         o, sel, blocks = adaptive_sparse_attention(q, k, v, gates, 0, self.block, self.scorer(), window=self.window,
-                                                   compress=self.compress)
+                                                   compress=self.compress, expected_kept=expected)
+        self.aux_loss = None
+        if expected:  # the budget regulariser: expected kept count over the slots, mean over scored blocks
+            scored = (blocks >= 2 + self.force_first).to(expected[0].dtype)
+            self.aux_loss = self.budget * (expected[0] * scored).sum() / (
+                scored.sum().clamp(min=1) * sel.shape[0] * sel.shape[1] * max(sel.shape[-1], 1))
         with torch.no_grad():  # diagnostics for extra_metrics (kept on device, read at evaluation)
             self._last_T = x.shape[1]
             self.last_selected = sel.detach()
@@ -1145,33 +1166,57 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + mix(norm(x)), then x + MLP(norm(x))."""
+    """Pre-norm residual block: x + mix(norm(x)), then x + MLP(norm(x)).
+
+    With config.short_conv = w > 0 the mixer reads a causal depthwise convolution of its input,
+    h'_t = sum_{j<w} c_j * h_{t-j} (one filter per channel, zero before position 0), as the
+    models of Zoology's recall study and H3 do: it hands each token its predecessors, so
+    associative recall needs one retrieval instead of a two-layer induction circuit. The same
+    layer sits in front of every block, so it is no block's advantage; off by default."""
 
     def __init__(self, config):
         super().__init__()
         mixer = ATTENTION[config.attention]
         self.ln_1 = nn.Identity() if mixer.has_input_norm else LayerNorm(config.n_embd, config.bias)
+        self.conv = None
+        if config.short_conv > 0:
+            self.conv = nn.Conv1d(config.n_embd, config.n_embd, config.short_conv, groups=config.n_embd,
+                                  padding=config.short_conv - 1, bias=config.bias)
         self.attn = mixer(config)
         self.has_mlp = config.mlp_ratio > 0
         if self.has_mlp:
             self.ln_2 = LayerNorm(config.n_embd, config.bias)
             self.mlp = MLP(config)
 
+    def mixer_input(self, x, past=None):
+        """norm(x), convolved when short_conv is on. past: the last w-1 normed inputs before x
+        (decode); returns (input, the last w-1 normed inputs up to x)."""
+        h = self.ln_1(x)
+        if self.conv is None:
+            return h, None
+        w = self.conv.kernel_size[0]
+        if past is None:
+            past = h.new_zeros(h.size(0), w - 1, h.size(2))
+        full = torch.cat([past, h], 1)
+        out = F.conv1d(full.transpose(1, 2), self.conv.weight, self.conv.bias, groups=h.size(2))
+        return out.transpose(1, 2), full[:, full.size(1) - (w - 1):]
+
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+        x = x + self.attn(self.mixer_input(x)[0])
         if self.has_mlp:
             x = x + self.mlp(self.ln_2(x))
         return x
 
     def decode(self, x, state):
-        state = state or (None, None)
-        a, s_attn = self.attn.decode(self.ln_1(x), state[0])
+        state = state or (None, None, None)
+        h, s_conv = self.mixer_input(x, state[2])
+        a, s_attn = self.attn.decode(h, state[0])
         x = x + a
         s_mlp = None
         if self.has_mlp:
             m, s_mlp = self.mlp.decode(self.ln_2(x), state[1])
             x = x + m
-        return x, (s_attn, s_mlp)
+        return x, (s_attn, s_mlp, s_conv)
 
 
 class GPT(nn.Module):

@@ -45,6 +45,7 @@ n_values = 128  # value vocabulary
 n_layer = 2
 n_head = 2
 n_embd = 64
+short_conv = 0  # causal depthwise convolution of this width before every mixer (Zoology's models have one); 0: off
 iters = 600  # optimizer steps per (block, T)
 tokens_per_iter = 16384  # batch size = tokens_per_iter // T sequences
 learning_rate = 3e-3
@@ -53,11 +54,21 @@ warmup_iters = 50
 test_examples = 256  # fixed test sequences per pair count
 seed = 1337
 threads = 0  # torch intra-op threads; 0 keeps torch's default
-config = "long"  # block knobs from config/<config>_<block>.py
+config = "long"  # positions and other knobs from config/<config>_<block>.py ...
+knobs = "probe"  # ... with each block's budget knobs set for short T (PROBE_KNOBS), or "config": the file's own
 out = "results/recall"
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 FILLER = 0  # token of the positions that are neither pairs nor queries
+# Budget knobs for the probe's lengths (a few hundred tokens), where the long configs' knobs read
+# everything exactly (kernel-hashing's 256-token chunks, adaptive-sparse's 18 blocks of 64, vq's
+# 64-token blocks). These keep each approximate block's exact reading a minority of T=256 and shrink
+# it with T: vq holds the past beyond its 16-token blocks in 32 codes; kernel-hashing attends exactly
+# within 32-token chunks and to 8 hashed + 8 sampled keys per level beyond; adaptive-sparse reads at
+# most 4 + 2 blocks of 16. dense and generative-function have no budget.
+PROBE_KNOBS = {"vq": dict(vq_block_len=16, vq_codebook_size=32),
+               "kernel-hashing": dict(kh_min_seq_len=32, kh_bucket_block=8, kh_samples=8),
+               "adaptive-sparse": dict(as_block=16, as_k_max=4)}
 
 
 def vocab_size(o):
@@ -90,8 +101,10 @@ def mqar_batch(rng, batch, T, n, n_keys, n_values):
 
 def model_config(name, T_, o):
     knobs = bench.config_knobs(name, o["config"])
+    if o["knobs"] == "probe":
+        knobs.update(PROBE_KNOBS.get(name, {}))
     shape = dict(n_layer=o["n_layer"], n_head=o["n_head"], n_embd=o["n_embd"], block_size=T_, attention=name,
-                 dropout=0.0, vocab_size=vocab_size(o))
+                 dropout=0.0, vocab_size=vocab_size(o), short_conv=o["short_conv"])
     return bench.GPTConfig(**{**knobs, **shape})
 
 
@@ -184,9 +197,11 @@ def main(argv):
     configurator.help_if_asked(argv, DEFAULTS, __doc__)
     try:
         o, _ = configurator.load(argv, DEFAULTS)
-        configurator.check_ranges(o, dict(n_keys=">=1", n_values=">=2", n_layer=">=1", n_head=">=1", n_embd=">=1",
+        configurator.check_ranges(o, dict(n_keys=">=1", n_values=">=2", n_layer=">=1", n_head=">=1", n_embd=">=1", short_conv=">=0",
                                           iters=">=1", tokens_per_iter=">=1", learning_rate=">0", warmup_iters=">=0",
                                           test_examples=">=1", seed=">=0", threads=">=0", weight_decay=">=0"))
+        if o["knobs"] not in ("probe", "config"):
+            raise configurator.ConfigError(f"unknown knobs {o['knobs']!r}; valid: probe, config")
         names = list(ATTENTION) if o["attention"] == "all" else o["attention"].split(",")
         bad = [n for n in names if n not in ATTENTION]
         if bad:
@@ -230,7 +245,9 @@ def main(argv):
              f"Machine: {facts}", "",
              f"Models: {o['n_layer']} layers, {o['n_head']} heads, {o['n_embd']} wide, {o['iters']} steps of "
              f"{o['tokens_per_iter']} tokens, lr {o['learning_rate']}, trained on pair counts {o['train_pairs']}; "
-             f"block knobs from config/{o['config']}_<block>.py; {o['test_examples']} fixed test sequences per cell.", ""]
+             f"short convolution of width {o['short_conv']} before every mixer; block knobs from "
+             f"config/{o['config']}_<block>.py" + (f", budgets from recall.PROBE_KNOBS {PROBE_KNOBS}" if o["knobs"] == "probe" else "")
+             + f"; {o['test_examples']} fixed test sequences per cell.", ""]
     for T_ in lengths:
         cols = [n for n in tests if 4 * n <= T_]
         lines += [f"T={T_}", "", "| attention | " + " | ".join(f"{n} pairs" for n in cols) + " | ms/iter | params |",

@@ -67,6 +67,7 @@ class Scorer(NamedTuple):
     recompute_scores: int = 1 << 22
     straight_through: bool = True
     first: int = 0  # 1: block 0 is forced (always attended), not a candidate
+    softness: float = 0.0  # > 0: also return the expected kept count, sigmoid((p - mass before) / softness) per slot
 
 
 def n_slots(n_blocks, k_max, first=0):
@@ -79,7 +80,11 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
     """Scoring, top-p selection and the correction for query blocks q_block0.. (q_prev: their
     previous block's mean query, (B, H, nq, D); kbar, vbar: (B, H, nk, D) block means).
     Returns sel (B, H, nq, k): kept candidate ids, best first, -1 = none; st (B, H, nq, k):
-    the straight-through bias of those slots; c (B, H, nq, D) the correction, or None."""
+    the straight-through bias of those slots; c (B, H, nq, D) the correction, or None; kept
+    (B, H, nq): with scorer.softness > 0, a straight-through bias and a threshold below 1, the
+    expected kept count sum_r sigmoid((p - M_r) / softness) over the ranked slots (M_r: the
+    scorer mass of the better-ranked candidates; 1 for the first k_min), differentiable in the
+    scorer (the budget regulariser's input), else None."""
     B, H, nq, D = q_prev.shape
     nk = kbar.shape[2]
     first = scorer.first
@@ -89,7 +94,7 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
     if nk <= first or n_slots(q_block0 + nq, None, first) == 0 or (k == 0 and not correction):
         # at most two blocks (nothing to score, nothing dropped), or k_max = 0 without a correction
         empty = torch.zeros(B, H, nq, 0, device=dev)
-        return empty.long(), empty.to(dt), q_prev.new_zeros(B, H, nq, D, dtype=dt) if correction else None
+        return empty.long(), empty.to(dt), q_prev.new_zeros(B, H, nq, D, dtype=dt) if correction else None, None
     with torch.autocast(dev.type, enabled=False):
         temp = scorer.log_temp.to(dt).exp().view(H, 1, 1) / math.sqrt(D)
         sq = torch.einsum("bhnd,hdr->bhnr", q_prev.to(dt), scorer.score_q.to(dt)) * temp
@@ -121,8 +126,16 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
             st = torch.where(keep, log_pi - log_pi.detach(), torch.zeros_like(log_pi))
         else:  # a constant 0: no gradient reaches q, k or the scorer through the pooled means
             st = torch.zeros(B, H, nq, k, dtype=dt, device=dev)
+        kept = None
+        if scorer.softness > 0 and scorer.straight_through and scorer.threshold < 1.0:
+            # pi at the ranked slots with its gradient (the same first-order term as st's), then
+            # the soft form of the top-p rule: a slot counts as kept as far as the mass before it < p
+            p_top = torch.where(valid, top_p * (log_pi - log_pi.detach()).exp(), torch.zeros_like(top_p))
+            soft = torch.sigmoid((scorer.threshold - (p_top.cumsum(-1) - p_top)) / scorer.softness)
+            kept = torch.where(valid, torch.where(rank < scorer.k_min, torch.ones_like(soft), soft),
+                               torch.zeros_like(soft)).sum(-1)
         if not correction:
-            return sel, st, None
+            return sel, st, None, kept
         # correction: each query block attends (scorer logits s_ij) over the pooled values of its
         # dropped candidates plus a null slot of logit 0 and value 0
         mask = torch.zeros(B, H, nq, nk + 2, dtype=torch.bool, device=dev)
@@ -133,7 +146,7 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
         pad = lambda t, n: F.pad(t, (0, width - t.shape[-1], n, 0))
         c = F.scaled_dot_product_attention(pad(sq, 0), pad(sk, 1), pad(vbar.to(dt), 1),
                                            attn_mask=mask[..., :nk + 1], scale=1.0)[..., :D]
-    return sel, st, c
+    return sel, st, c, kept
 
 
 def _run_range(fn, args, recompute):
@@ -157,18 +170,21 @@ def _select_in_chunks(q_prev, kbar, vbar, q_block0, scorer, correction):
     # checkpointing held ~58 MB more resident memory than it freed for one block at T=32k, blocks of 64
     n_scores = q_prev.shape[0] * q_prev.shape[1] * nq * nk
     recompute = nq > per and torch.is_grad_enabled() and n_scores > scorer.recompute_scores
-    sels, sts, cs = [], [], []
+    sels, sts, cs, kepts = [], [], [], []
     for a in range(0, nq, per):
         e = min(nq, a + per)
         width = max(q_block0 + e - 2, 0)  # candidates of the range's last block: j <= q_block0+e-3
         args = (q_prev[:, :, a:e], kbar[:, :, :width], vbar[:, :, :width], q_block0 + a, scorer, correction)
-        sel, st, c = _run_range(score_and_select, args, recompute)
+        sel, st, c, kept = _run_range(score_and_select, args, recompute)
         sels.append(F.pad(sel, (0, k - sel.shape[-1]), value=-1))  # same number of slots everywhere
         sts.append(F.pad(st, (0, k - st.shape[-1])))
         cs.append(c)
+        kepts.append(kept if kept is not None else sel.new_zeros(sel.shape[:3], dtype=st.dtype))
+    soft = scorer.softness > 0 and scorer.straight_through and scorer.threshold < 1.0
     if len(sels) == 1:
-        return sels[0], sts[0], cs[0]
-    return torch.cat(sels, 2), torch.cat(sts, 2), torch.cat(cs, 2) if correction else None
+        return sels[0], sts[0], cs[0], kepts[0] if soft else None
+    return (torch.cat(sels, 2), torch.cat(sts, 2), torch.cat(cs, 2) if correction else None,
+            torch.cat(kepts, 2) if soft else None)
 
 
 # ------------------------------------------------------------------------------- CPU-fast path
@@ -391,7 +407,7 @@ def compressed_attention(q, kc, vc, q0, length, stride, chunk_scores=1 << 16, mi
 
 
 def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None, means=None, window=0, compress=None,
-                               compressed=None, selection_cache=None):
+                               compressed=None, selection_cache=None, expected_kept=None):
     """The adaptive-sparse mixing of the queries q (B, H, S - q0, D) at positions q0..S-1 against
     k, v (B, H, >= S, D) (rows past S are ignored): outputs (B, H, S - q0, D), the kept candidates (B, H, nq, n_slots) of the
     query blocks computed (block ids, best first, -1 = none; no grad) and their ids (nq,). gates:
@@ -405,6 +421,8 @@ def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None, mean
     selection_cache: a dict (decode): when every query lies in one block, that block's selection and
     correction are kept there and reused by the next queries of the same block (they depend only on
     the complete blocks before it and the scorer, so every token of a block gets the same ones).
+    expected_kept: a list, or None: with scorer.softness > 0 the expected kept count of every query
+    block computed, (B, H, nq) with its gradient (score_and_select), is appended to it.
     The selected-block attention runs the Triton kernel on CUDA for block >= 16, a power of two
     (and q0 < block), as_block_sparse_attention_buckets otherwise (work: its tile counter)."""
     if window and (gates is None or len(gates) < 3):
@@ -437,7 +455,9 @@ def adaptive_sparse_attention(q, k, v, gates, q0, block, scorer, work=None, mean
     if selection_cache is not None and nq == 1 and selection_cache.get("key") == key:
         sel, st, c = selection_cache["value"]
     else:
-        sel, st, c = _select_in_chunks(q_prev, kbar, vbar, i0, scorer, correction=correction)
+        sel, st, c, kept = _select_in_chunks(q_prev, kbar, vbar, i0, scorer, correction=correction)
+        if expected_kept is not None and kept is not None:
+            expected_kept.append(kept)
         if selection_cache is not None and nq == 1:
             selection_cache.update(key=key, value=(sel, st, c))
     blocks = torch.arange(i0, nb, device=q.device)

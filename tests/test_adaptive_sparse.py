@@ -267,7 +267,7 @@ def test_selection_is_valid_when_scores_are_extreme():
     q, k, v = m._heads(x)
     kbar = k.reshape(2, 2, 16, 4, 16).mean(3)
     q_prev = torch.cat([torch.zeros(2, 2, 1, 16), q.reshape(2, 2, 16, 4, 16).mean(3)[:, :, :-1]], 2)
-    sel, st, c = AS.score_and_select(q_prev, kbar, kbar, 0, m.scorer())
+    sel, st, c, _ = AS.score_and_select(q_prev, kbar, kbar, 0, m.scorer())
     i = torch.arange(16).view(16, 1)
     n_cand = (i - 1).clamp(min=0)
     assert ((sel < 0) | (sel <= i - 2)).all()
@@ -297,7 +297,7 @@ def test_straight_through_gradient_is_that_of_log_pi():
     kbar = torch.randn(B, H, nq, D, dtype=torch.float64, requires_grad=True)
     with torch.no_grad():
         m.score_log_temp.normal_(std=0.5)
-    sel, st, _ = AS.score_and_select(q_prev, kbar, kbar.detach(), 0, m.scorer())
+    sel, st, _, _ = AS.score_and_select(q_prev, kbar, kbar.detach(), 0, m.scorer())
     assert (st == 0).all() and (sel >= 0).any()
     w = torch.randn_like(st)
     params = (q_prev, kbar, m.score_q, m.score_k, m.score_log_temp)
@@ -373,7 +373,7 @@ def test_gradcheck(monkeypatch):
     m = block(T=16, C=8, H=2, as_block=2, as_k_max=2, as_threshold=0.7).double()
     select = AS.score_and_select
     monkeypatch.setattr(AS, "score_and_select",
-                        lambda *a, **kw: (lambda s, st, c: (s, st.detach(), c))(*select(*a, **kw)))
+                        lambda *a, **kw: (lambda s, st, c, e: (s, st.detach(), c, e))(*select(*a, **kw)))
     x = torch.randn(1, 13, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(m, (x,), fast_mode=True)
 
@@ -721,3 +721,87 @@ def test_decode_scores_once_per_block(monkeypatch):
         m.score_q.add_(torch.randn_like(m.score_q))  # as an optimizer step would
         after = m.decode(x[:, 42:43], state)[0]  # token 42, same block: must select again
         assert rel_err(after, m(x)[:, 42:43]) < 1e-12 and rel_err(after, before) > 1e-6
+
+
+# ----------------------------------------------------------------------------- the budget regulariser
+def reference_expected_kept(m, x, softness):
+    """The expected kept count written out per (batch, head, query block): pi as a full softmax over
+    the candidates (with its gradient), ranked as the block ranks them, then sum_r sigmoid((p - M_r) / s)
+    over the first k_max ranks (1 for the first k_min)."""
+    B, T, C = x.shape
+    H, D, Bk = m.n_head, C // m.n_head, m.block
+    q, k, _ = (t.view(B, T, H, D) for t in m.c_attn(x).split(C, dim=2))
+    mean = lambda t, j: t[j * Bk:(j + 1) * Bk].mean(0)
+    out = []
+    for b in range(B):
+        for h in range(H):
+            for i in range(T // Bk):
+                cands = list(range(m.force_first, i - 1))
+                if not cands:
+                    out.append(x.new_zeros(()))
+                    continue
+                sq = mean(q[b, :, h], i - 1) @ m.score_q[h] * m.score_log_temp[h].exp() / math.sqrt(D)
+                pi = torch.stack([sq @ (mean(k[b, :, h], j) @ m.score_k[h]) for j in cands]).softmax(0)
+                ranked = pi[pi.detach().argsort(descending=True)][:m.k_max]
+                before = ranked.cumsum(0) - ranked
+                soft = torch.sigmoid((m.threshold - before) / softness)
+                soft = torch.where(torch.arange(len(ranked)) < m.k_min, torch.ones_like(soft), soft)
+                out.append(soft.sum())
+    return torch.stack(out).view(B, H, T // Bk)
+
+
+@pytest.mark.parametrize("kw", [dict(as_k_max=3, as_k_min=1), dict(as_k_max=5, as_k_min=0, as_force_first=True)])
+def test_expected_kept_count_and_its_gradient_match_the_full_softmax(kw):
+    """The expected kept count is built from the ranked slots' pi with st's first-order gradient
+    (no (nq, nk) graph); its value and its gradient (input and scorer) equal the full softmax's."""
+    m = block(T=40, C=16, H=2, as_block=4, as_threshold=0.6, as_budget=1.0, **kw).double()
+    with torch.no_grad():
+        m.score_log_temp.fill_(2.0)
+    x = torch.randn(2, 40, 16, dtype=torch.float64, requires_grad=True)
+    q, k, v = m._heads(x)
+    got = []
+    AS.adaptive_sparse_attention(q, k, v, m._gates(x), 0, m.block, m.scorer(), expected_kept=got)
+    want = reference_expected_kept(m, x, m.budget_softness)
+    assert torch.allclose(got[0], want, atol=1e-12)
+    w = torch.randn_like(want)
+    params = [x, m.score_q, m.score_k, m.score_log_temp, m.c_attn.weight]
+    g_got = torch.autograd.grad((got[0] * w).sum(), params)
+    g_want = torch.autograd.grad((want * w).sum(), params)
+    for a, b in zip(g_got, g_want):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_expected_kept_count_is_the_kept_count_when_sharp():
+    m = block(T=64, C=32, H=2, as_block=4, as_k_max=6, as_threshold=0.7, as_budget=1.0)
+    with torch.no_grad():
+        m.score_log_temp.fill_(3.0)
+    m.budget_softness = 1e-6
+    x = torch.randn(2, 64, 32)
+    q, k, v = m._heads(x)
+    got = []
+    _, sel, _ = AS.adaptive_sparse_attention(q, k, v, m._gates(x), 0, m.block, m.scorer(), expected_kept=got)
+    assert torch.equal(got[0].round(), (sel >= 0).sum(-1).to(got[0].dtype))
+
+
+def test_budget_regulariser_is_a_training_loss_that_lowers_the_kept_count():
+    """as_budget adds budget * (expected kept / slots) to the training loss (not in eval); descending
+    on it alone sharpens the scorer until the threshold, not k_max, sets the count."""
+    g = tiny_gpt(as_k_max=8, as_threshold=0.9, as_budget=0.5)
+    idx = torch.randint(0, 40, (4, 64))
+    g.eval()
+    assert g(idx, idx)[1].item() == pytest.approx(tiny_gpt(as_k_max=8, as_threshold=0.9)(idx, idx)[1].item(), abs=0)
+    assert g.last_aux_loss is None
+    g.train()
+    blocks = [b.attn for b in g.transformer.h]
+    _, loss = g(idx, idx)
+    assert 0 < g.last_aux_loss.item() <= 2 * 0.5
+    before = sum(b.last_kept.float().mean().item() for b in blocks)
+    opt = torch.optim.Adam([p for b in blocks for p in (b.score_q, b.score_k, b.score_log_temp)], lr=0.05)
+    for _ in range(60):
+        g(idx, idx)
+        opt.zero_grad()
+        g.last_aux_loss.backward()
+        opt.step()
+    g(idx, idx)
+    after = sum(b.last_kept.float().mean().item() for b in blocks)
+    assert after < 0.5 * before, (before, after)

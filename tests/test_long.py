@@ -68,7 +68,9 @@ def test_compare_long_preset_arms():
     files = {c for _, c, _ in arms}
     assert files == {f"config/{f}" for f in BLOCKS}
     names = [n for n, _, _ in arms]
-    assert "dense-gau" in names and len(names) == 6
+    assert "dense-gau" in names and "adaptive-sparse+budget" in names and len(names) == 7
+    flags = dict((n, f) for n, _, f in arms)
+    assert flags["adaptive-sparse+budget"]["as_budget"] > 0 and "as_budget" not in flags["adaptive-sparse"]
 
 
 def test_bench_reads_long_knobs_and_shape(monkeypatch):
@@ -131,7 +133,7 @@ def test_recall_runs_end_to_end_and_rejects_bad_input(tmp_path):
     assert len(rows) == 1 + 2 * 2 + 2 and (tmp_path / "recall.png").exists() and (tmp_path / "recall.md").exists()
     assert sum(r.startswith("guess among the stored values,32,") for r in rows) == 2  # one per pair count
     for bad, msg in ((["--pairs=40", "--T=32"], "pair count 40"), (["--attention=nope"], "unknown attention"),
-                     (["--iters=0"], "iters")):
+                     (["--iters=0"], "iters"), (["--knobs=nope"], "unknown knobs"), (["--short_conv=-1"], "short_conv")):
         r = run(["recall.py", *bad, f"--out={tmp_path}"], timeout=120)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
 
@@ -203,3 +205,15 @@ def test_recall_trains_the_vq_codebook(monkeypatch):
     recall.train_one("vq", 32, o, {2: (x, y)})
     after = seen[0].transformer.h[0].attn.units[0].codebook()
     assert not torch.allclose(before, after)
+
+
+def test_recall_probe_knobs_make_the_approximate_blocks_approximate_at_probe_lengths():
+    """With knobs=probe each budgeted block reads less than the whole of T=256 exactly (kernel-hashing's
+    exact chunk, adaptive-sparse's most blocks read, vq's exact blocks); with knobs=config the long
+    configs' knobs, which read all of it."""
+    o = {**recall.DEFAULTS, "knobs": "probe"}
+    kh, asp, vq = (recall.model_config(n, 256, o) for n in ("kernel-hashing", "adaptive-sparse", "vq"))
+    assert kh.kh_min_seq_len < 256 and (asp.as_k_max + 2) * asp.as_block < 256 and 2 * vq.vq_block_len < 256
+    assert kh.rope and asp.rope  # positions and the other knobs still come from the long configs
+    o["knobs"] = "config"
+    assert recall.model_config("kernel-hashing", 256, o).kh_min_seq_len == load("long_kernel_hashing.py")["kh_min_seq_len"]

@@ -111,3 +111,42 @@ def test_every_block_runs_without_triton():
     r = run(["-c", NO_TRITON], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ran 5 blocks" in r.stdout
+
+
+# ----------------------------------------------------------------------------- short convolution before the mixer
+SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=20, dropout=0.0, vq_block_len=8,
+             vq_codebook_size=8, vq_d_k=16, kh_min_seq_len=8, as_block=4)
+
+
+def test_short_conv_is_a_causal_depthwise_filter():
+    """The mixer's input is sum_j c_j h_{t-j} per channel, zero before position 0 (loop reference)."""
+    torch.manual_seed(0)
+    g = GPT(GPTConfig(**{**SMALL, "short_conv": 3, "bias": True}))
+    blk = g.transformer.h[0]
+    x = torch.randn(2, 11, 32)
+    got, tail = blk.mixer_input(x)
+    h = blk.ln_1(x)
+    w, b = blk.conv.weight[:, 0], blk.conv.bias  # (C, 3): tap 2 multiplies h_t, tap 0 h_{t-2}
+    want = torch.stack([b + sum(w[:, 2 - j] * h[:, t - j] for j in range(3) if t - j >= 0)
+                        for t in range(11)], 1)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(tail, h[:, -2:])
+    plain, _ = GPT(GPTConfig(**SMALL)).transformer.h[0].mixer_input(x)
+    assert not torch.allclose(got, plain)  # the option changes the mixer's input
+
+
+@pytest.mark.parametrize("name", list(ATTENTION))
+def test_short_conv_keeps_every_block_causal_and_decodable(name):
+    torch.manual_seed(0)
+    g = GPT(GPTConfig(**{**SMALL, "attention": name, "short_conv": 4})).eval()
+    idx = torch.randint(0, 20, (2, 32))
+    tol = dict(atol=1e-5, rtol=1e-5) if name == "kernel-hashing" else {}
+    assert_causal(g, idx, [5, 17], vocab_size=20, **tol)
+    full, _ = g(idx, idx)
+    logits, states = g.decode(idx[:, :9], None, 0)
+    assert torch.allclose(logits[:, 0], full[:, 8], atol=1e-4)
+    for t in range(9, 14):  # token by token: the conv's state carries the last 3 inputs of each layer
+        logits, states = g.decode(idx[:, t:t + 1], states, t)
+        assert torch.allclose(logits[:, 0], full[:, t], atol=1e-4), t
+    logits, states = g.decode(idx[:, 14:20], states, 14)  # a chunk on top of the cache
+    assert torch.allclose(logits[:, 0], full[:, 19], atol=1e-4)
