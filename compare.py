@@ -71,7 +71,7 @@ OVERFIT_SCALES = {
 }
 
 
-LONG_AS_BUDGET = 0.1  # the long preset's adaptive-sparse arm with the budget regulariser (model.py, as_budget)
+LONG_AS_BUDGET = 0.01  # the long preset's adaptive-sparse arm with the budget regulariser (model.py, as_budget)
 
 
 def runs_for(o):

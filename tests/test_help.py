@@ -13,6 +13,7 @@ SCRIPTS = {
     "ngram.py": ("max_order", "int", "8", "The n-gram floor"),
     "bench.py": ("max_case_seconds", "float", "20.0", "Cost against sequence length"),
     "bench_peer.py": ("max_case_seconds", "float", "60.0", "Side by side with the official Transformer-VQ"),
+    "bench_trained.py": ("repeats", "int", "7", "Cost of trained models, side by side"),
     "bench_decode.py": ("contexts", "str", "'512,2048,8192'", "Decoding cost against context length"),
     "recall.py": ("pairs", "str", "'8,32,64'", "Recall probe: multi-query associative recall"),
     "diagnose.py": ("--n_seqs", "int", "2", "does the seed paper's sparsity assumption hold"),  # argparse

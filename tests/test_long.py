@@ -1,5 +1,6 @@
 """The long-context setting: its configs load, share one shape, and train 2 iterations at a reduced size;
 bench.py reads their knobs and shape; recall.py's task is what it says and runs end to end."""
+import csv
 import json
 import os
 import random
@@ -169,6 +170,19 @@ def test_kept_blocks_report_on_a_trained_checkpoint(tiny_data):
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
     r = run(["kept_blocks.py", f"--out_dir={dense}", f"--data_dir={tiny_data / 'data'}"])
     assert r.returncode == 2 and "reads adaptive-sparse" in r.stderr and "Traceback" not in r.stderr
+    # bench_trained.py times both checkpoints side by side; the adaptive-sparse row carries its work
+    report = tiny_data / "bench-trained"
+    r = run(["bench_trained.py", f"--runs={dense},{out}", f"--data_dir={tiny_data / 'data'}", "--repeats=2",
+             "--warmup=1", f"--out={report}"])
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
+    rows = list(csv.DictReader(open(report / "bench_trained.csv")))
+    assert [r_["attention"] for r_ in rows] == ["dense", "adaptive-sparse"] and rows[0]["vs_first"] == "1.0"
+    assert rows[0]["kept_per_block"] == "" and 1 <= float(rows[1]["kept_per_block"]) <= 4
+    assert 0 < float(rows[1]["frac_pairs"]) <= 1 and float(rows[1]["ms_fwd_bwd"]) > 0
+    assert (report / "bench_trained.md").exists()
+    for bad, msg in ((f"--runs={tiny_data / 'nope'}", "no checkpoint"), ("--runs=", "--runs=DIR")):
+        r = run(["bench_trained.py", bad, f"--data_dir={tiny_data / 'data'}", f"--out={report}"])
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("force_first", [False, True])
