@@ -313,11 +313,13 @@ def test_straight_through_gradient_is_that_of_log_pi():
         assert rel_err(a, b) < 1e-10
 
 
-def test_scores_in_recomputed_ranges_give_the_same_gradients():
+@pytest.mark.parametrize("budget", [0.0, 0.5])
+def test_scores_in_recomputed_ranges_give_the_same_gradients(budget):
     """Scoring in many checkpointed ranges (recomputed in the backward) gives the outputs and
-    every gradient (input, scorer with its straight-through term, gates) of one range."""
+    every gradient (input, scorer with its straight-through term, gates) of one range; with the
+    budget regulariser on, its value and gradients too."""
     torch.manual_seed(3)
-    m = block(as_block=2, as_k_max=3, as_threshold=0.6).double()
+    m = block(as_block=2, as_k_max=3, as_threshold=0.6, as_budget=budget).double()
     torch.nn.init.normal_(m.score_q, std=1.0)
     x = torch.randn(2, 53, 32, dtype=torch.float64, requires_grad=True)
     dy = torch.randn(2, 53, 32, dtype=torch.float64)
@@ -325,11 +327,13 @@ def test_scores_in_recomputed_ranges_give_the_same_gradients():
     for chunk_scores, min_blocks in ((1 << 30, 64), (1, 4)):
         m.select_chunk_scores, m.select_min_blocks, m.select_recompute_scores = chunk_scores, min_blocks, 0
         y = m(x)
+        aux = m.aux_loss if budget else y.new_zeros(())
+        assert (m.aux_loss is not None) == (budget > 0)
         params = [x, m.score_q, m.score_k, m.score_log_temp] + list(m.gate.parameters()) + list(m.c_attn.parameters())
-        results.append([y] + list(torch.autograd.grad(y, params, dy)))
+        results.append([y, aux] + list(torch.autograd.grad((y * dy).sum() + aux, params)))
     for a, b in zip(*results):
         assert rel_err(a, b) < 1e-12
-    assert all(g.abs().sum() > 0 for g in results[1][1:])  # the scorer's too: a real gradient compared
+    assert all(g.abs().sum() > 0 for g in results[1][2:])  # the scorer's too: a real gradient compared
 
 
 def saved_bytes(fn):
@@ -344,11 +348,12 @@ def saved_bytes(fn):
     return sum(kept.values()), out
 
 
-def test_saved_memory_is_linear_in_the_number_of_blocks():
+@pytest.mark.parametrize("budget", [0.0, 0.1])
+def test_saved_memory_is_linear_in_the_number_of_blocks(budget):
     """Autograd keeps nothing of size (T/B)^2: doubling T (and the number of blocks) at most about
-    doubles the saved bytes. Blocks of 2 make the (nq, nk) scores the dominant term if they were
-    kept (at 2048 blocks, 2048^2 floats per head is 8x everything linear)."""
-    m = block(C=16, H=1, as_block=2, as_k_max=2, as_threshold=0.9)
+    doubles the saved bytes, with the budget regulariser too. Blocks of 2 make the (nq, nk) scores
+    the dominant term if they were kept (at 2048 blocks, 2048^2 floats per head is 8x everything linear)."""
+    m = block(C=16, H=1, as_block=2, as_k_max=2, as_threshold=0.9, as_budget=budget)
     m.select_min_blocks, m.select_recompute_scores = 16, 0
     sizes = []
     for T in (2048, 4096):
