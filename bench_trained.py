@@ -26,26 +26,17 @@ import torch
 import bench
 import compare
 import configurator
+import kept_blocks
 import ngram
-from model import GPT, GPTConfig
 
 DEFAULTS = dict(runs="", data_dir="data", repeats=7, warmup=2, threads=0, out="results/bench-trained")
 
 
 def load_run(run_dir, data_dir):
-    """(model in train mode, the first validation window (1, T), config of the run)."""
-    path = os.path.join(run_dir, "ckpt.pt")
-    ckpt = configurator.read_checkpoint(path, ("model", "model_args", "config"))
-    try:
-        model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise configurator.ConfigError(f"checkpoint {path}: not a model of this model.py ({str(e).splitlines()[0][:150]})")
+    """(model in train mode, the first validation window (1, T + 1), config of the run)."""
+    model, ckpt = kept_blocks.load_model(run_dir)
     T = model.config.block_size
-    val = os.path.join(data_dir, ckpt["config"].get("dataset", "shakespeare_char"), "val.bin")
-    if not os.path.isfile(val):
-        raise configurator.ConfigError(f"no validation data at {val}")
-    data = np.memmap(val, dtype=np.uint16, mode="r")
+    data = kept_blocks.val_tokens(data_dir, ckpt["config"])
     s = ngram.fixed_windows(len(data), T, T)[0]
     window = torch.from_numpy(np.asarray(data[s:s + T + 1], dtype=np.int64)).view(1, -1)
     return model.train(), window, ckpt["config"]

@@ -28,7 +28,8 @@ from model import GPT, GPTConfig
 DEFAULTS = dict(out_dir="", report_dir="", data_dir="data", windows=16, batch=4, device="cpu")
 
 
-def load(out_dir, device):
+def load_model(out_dir, device="cpu"):
+    """(GPT with the weights of out_dir/ckpt.pt, the checkpoint); a ConfigError naming the file otherwise."""
     path = os.path.join(out_dir, "ckpt.pt")
     ckpt = configurator.read_checkpoint(path, ("model", "model_args", "config"), device)
     try:
@@ -36,6 +37,20 @@ def load(out_dir, device):
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise configurator.ConfigError(f"checkpoint {path}: not a model of this model.py ({str(e).splitlines()[0][:150]})")
+    return model, ckpt
+
+
+def val_tokens(data_dir, cfg):
+    """The validation split (a uint16 memmap) of the run whose config is cfg."""
+    path = os.path.join(data_dir, cfg.get("dataset", "shakespeare_char"), "val.bin")
+    if not os.path.isfile(path):
+        raise configurator.ConfigError(f"no validation data at {path}")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def load(out_dir, device):
+    model, ckpt = load_model(out_dir, device)
+    path = os.path.join(out_dir, "ckpt.pt")
     if model.config.attention != "adaptive-sparse":
         raise configurator.ConfigError(f"checkpoint {path} is a {model.config.attention!r} model; "
                                        f"kept_blocks.py reads adaptive-sparse selections")
@@ -107,10 +122,7 @@ def main(argv):
         model, ckpt = load(o["out_dir"], o["device"])
         cfg = ckpt["config"]
         T = model.config.block_size
-        path = os.path.join(o["data_dir"], cfg.get("dataset", "shakespeare_char"), "val.bin")
-        if not os.path.isfile(path):
-            raise configurator.ConfigError(f"no validation data at {path}")
-        data = np.memmap(path, dtype=np.uint16, mode="r")
+        data = val_tokens(o["data_dir"], cfg)
         starts = ngram.fixed_windows(len(data), T, o["windows"] * T)
     except (configurator.ConfigError, ValueError) as e:
         configurator.fail(str(e))

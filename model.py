@@ -1180,8 +1180,9 @@ class Block(nn.Module):
         self.ln_1 = nn.Identity() if mixer.has_input_norm else LayerNorm(config.n_embd, config.bias)
         self.conv = None
         if config.short_conv > 0:
+            # holds the filters; mixer_input pads causally itself (with decode's past inputs)
             self.conv = nn.Conv1d(config.n_embd, config.n_embd, config.short_conv, groups=config.n_embd,
-                                  padding=config.short_conv - 1, bias=config.bias)
+                                  bias=config.bias)
         self.attn = mixer(config)
         self.has_mlp = config.mlp_ratio > 0
         if self.has_mlp:

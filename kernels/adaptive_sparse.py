@@ -69,6 +69,12 @@ class Scorer(NamedTuple):
     first: int = 0  # 1: block 0 is forced (always attended), not a candidate
     softness: float = 0.0  # > 0: also return the expected kept count, sigmoid((p - mass before) / softness) per slot
 
+    @property
+    def counts_kept(self):
+        """Whether score_and_select returns the expected kept count (a soft count needs the
+        straight-through gradient and a threshold that can drop blocks)."""
+        return self.softness > 0 and self.straight_through and self.threshold < 1.0
+
 
 def n_slots(n_blocks, k_max, first=0):
     """Selected slots per query block: every candidate (blocks first..i-2) can be kept unless k_max caps it."""
@@ -127,7 +133,7 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
         else:  # a constant 0: no gradient reaches q, k or the scorer through the pooled means
             st = torch.zeros(B, H, nq, k, dtype=dt, device=dev)
         kept = None
-        if scorer.softness > 0 and scorer.straight_through and scorer.threshold < 1.0:
+        if scorer.counts_kept:
             # pi at the ranked slots with its gradient (the same first-order term as st's), then
             # the soft form of the top-p rule: a slot counts as kept as far as the mass before it < p
             p_top = torch.where(valid, top_p * (log_pi - log_pi.detach()).exp(), torch.zeros_like(top_p))
@@ -180,7 +186,7 @@ def _select_in_chunks(q_prev, kbar, vbar, q_block0, scorer, correction):
         sts.append(F.pad(st, (0, k - st.shape[-1])))
         cs.append(c)
         kepts.append(kept if kept is not None else sel.new_zeros(sel.shape[:3], dtype=st.dtype))
-    soft = scorer.softness > 0 and scorer.straight_through and scorer.threshold < 1.0
+    soft = scorer.counts_kept
     if len(sels) == 1:
         return sels[0], sts[0], cs[0], kepts[0] if soft else None
     return (torch.cat(sels, 2), torch.cat(sts, 2), torch.cat(cs, 2) if correction else None,
