@@ -1202,10 +1202,17 @@ class Block(nn.Module):
         out = F.conv1d(full.transpose(1, 2), self.conv.weight, self.conv.bias, groups=h.size(2))
         return out.transpose(1, 2), full[:, full.size(1) - (w - 1):]
 
-    def forward(self, x):
+    def forward(self, x, keep=None):
+        """keep: optional (B, T) bool mask; then only those positions' outputs, shape (n, C). The mixer
+        still reads every position; a position-wise MLP then runs at the kept positions only."""
         x = x + self.attn(self.mixer_input(x)[0])
+        pointwise = not self.has_mlp or not hasattr(self.mlp.act, "decode")  # generative mixes positions
+        if keep is not None and pointwise:
+            x = x[keep]
         if self.has_mlp:
             x = x + self.mlp(self.ln_2(x))
+        if keep is not None and not pointwise:
+            x = x[keep]
         return x
 
     def decode(self, x, state):
@@ -1275,18 +1282,25 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(torch.arange(pos0, pos0 + T, device=idx.device))
         return self.transformer.drop(x)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, labelled_only=False):
         """Returns (logits, loss). With targets: logits at every position and the
         cross-entropy plus every block's auxiliary loss (the auxiliary part alone is
-        left in self.last_aux_loss). Without targets: logits at the last position."""
+        left in self.last_aux_loss). Without targets: logits at the last position.
+        labelled_only (with targets): logits only at the positions whose target is not -1,
+        shape (n, vocab), in row-major order; the loss is the same, but the last block's
+        position-wise MLP, the final norm and the head skip the unlabelled positions (their
+        outputs feed nothing else), which pays when few positions carry a loss (recall.py)."""
         x = self._embed(idx)
-        for block in self.transformer.h:
-            x = block(x)
+        keep = targets >= 0 if labelled_only and targets is not None else None
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, keep if i == len(self.transformer.h) - 1 else None)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        if keep is not None:
+            targets = targets[keep]
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         aux = [b.attn.aux_loss for b in self.transformer.h if getattr(b.attn, "aux_loss", None) is not None]
         self.last_aux_loss = torch.stack(aux).sum() if aux else None
         if aux:

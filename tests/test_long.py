@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 import bench
 import compare
@@ -231,3 +232,20 @@ def test_recall_probe_knobs_make_the_approximate_blocks_approximate_at_probe_len
     assert kh.rope and asp.rope  # positions and the other knobs still come from the long configs
     o["knobs"] = "config"
     assert recall.model_config("kernel-hashing", 256, o).kh_min_seq_len == load("long_kernel_hashing.py")["kh_min_seq_len"]
+
+
+def test_recall_accuracy_counts_argmax_hits_at_the_queries():
+    """recall.accuracy (scored on the query positions only) equals the argmax hit rate read off the full logits."""
+    o = {**recall.DEFAULTS, "n_layer": 1}
+    torch.manual_seed(0)
+    model = recall.GPT(recall.model_config("dense", 64, o))
+    x, y = recall.mqar_batch(np.random.default_rng(0), 10, 64, 8, o["n_keys"], o["n_values"])
+    with torch.no_grad():
+        logits, _ = model(torch.from_numpy(x), torch.from_numpy(y))
+    pred = logits.argmax(-1).numpy()
+    # make about half of the queries hits: plant the model's own prediction as the answer
+    plant = (y >= 0) & (np.random.default_rng(1).random(y.shape) < 0.5)
+    y[plant] = pred[plant]
+    want = float(np.mean(pred[y >= 0] == y[y >= 0]))
+    assert 0.3 < want < 0.8
+    assert recall.accuracy(model, x, y, batch=3) == pytest.approx(want, rel=1e-12)

@@ -150,3 +150,34 @@ def test_short_conv_keeps_every_block_causal_and_decodable(name):
         assert torch.allclose(logits[:, 0], full[:, t], atol=1e-4), t
     logits, states = g.decode(idx[:, 14:20], states, 14)  # a chunk on top of the cache
     assert torch.allclose(logits[:, 0], full[:, 19], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- loss at the labelled positions only
+@pytest.mark.parametrize("name,mlp_activation", [(n, "gelu") for n in ATTENTION] + [("dense", "generative")])
+def test_labelled_only_gives_the_same_loss_and_gradients(name, mlp_activation):
+    """forward(labelled_only=True) skips the last block's MLP, the final norm and the head at positions
+    whose target is -1: loss, every gradient and the kept logits equal the full forward's (float64,
+    training mode, so auxiliary losses count); a sequence-mixing MLP activation takes the full path."""
+    torch.manual_seed(0)
+    g = GPT(GPTConfig(**{**SMALL, "attention": name, "mlp_activation": mlp_activation, "short_conv": 3})).double()
+    idx = torch.randint(0, 20, (3, 29))
+    targets = torch.randint(0, 20, (3, 29))
+    targets[torch.rand(3, 29) < 0.8] = -1  # most positions carry no loss, as in recall.py
+    rows = []  # positions the last MLP computes
+    g.transformer.h[-1].mlp.c_fc.register_forward_hook(lambda m, i, o: rows.append(i[0].numel() // i[0].size(-1)))
+    runs = []
+    for labelled_only in (False, True):
+        g.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # kernel-hashing draws its hashes and samples in training
+        logits, loss = g(idx, targets, labelled_only=labelled_only)
+        loss.backward()
+        runs.append((logits, loss, {n: p.grad.clone() for n, p in g.named_parameters() if p.grad is not None}))
+    (full, loss_full, grads_full), (kept, loss_kept, grads_kept) = runs
+    keep = targets >= 0
+    assert kept.shape == (int(keep.sum()), 20)
+    assert rows == [idx.numel(), idx.numel() if mlp_activation == "generative" else int(keep.sum())]
+    assert torch.allclose(kept, full[keep], rtol=1e-10, atol=1e-12)
+    assert torch.allclose(loss_kept, loss_full, rtol=1e-12)
+    assert grads_full.keys() == grads_kept.keys() and grads_full
+    for n in grads_full:
+        assert torch.allclose(grads_kept[n], grads_full[n], rtol=1e-9, atol=1e-12), n
