@@ -1,7 +1,7 @@
 """
 Recall probe: multi-query associative recall (MQAR, Arora et al. 2023, "Zoology") for every block.
 
-    python recall.py                                  # every block, T=256 and 512, 8/32/64 pairs
+    python recall.py                                  # every block, T=128 and 256, 8/16/32/64 pairs
     python recall.py --attention=dense,vq --T=256 --iters=300
 
 A sequence first lists n key-value pairs (k1 v1 k2 v2 ... kn vn), then, at random places in the
@@ -40,8 +40,8 @@ from model import ATTENTION, GPT
 
 # -----------------------------------------------------------------------------
 attention = "all"  # comma-separated names from model.ATTENTION, or 'all'
-T = "256,512"  # sequence lengths, comma-separated
-pairs = "8,32,64"  # key-value pairs per test sequence, comma-separated (4 * pairs <= T)
+T = "128,256"  # sequence lengths, comma-separated
+pairs = "8,16,32,64"  # key-value pairs per test sequence, comma-separated (4 * pairs <= T)
 train_pairs = "4,8,16,32,64"  # a training batch draws its pair count from these
 n_keys = 64  # key vocabulary (needs n_keys >= max pairs)
 n_values = 64  # value vocabulary
@@ -51,7 +51,7 @@ n_embd = 64
 short_conv = 4  # causal depthwise convolution of this width before every mixer (Zoology's models have one); 0: off
 iters = 2500  # optimizer steps per (block, T)
 tokens_per_iter = 8192  # batch size = tokens_per_iter // T sequences
-learning_rate = 3e-3
+learning_rate = 1e-2
 weight_decay = 0.1
 warmup_iters = 50
 test_examples = 256  # fixed test sequences per pair count
