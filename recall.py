@@ -15,13 +15,16 @@ retrieve (softmax over the exact keys, selected blocks) part ways here.
 One model per (block, T), 1 layer with a short causal convolution (width 4) before the mixer as
 Zoology's models have: the convolution hands each value its key, so one retrieval answers a query.
 Without it, or with 2 layers, dense stayed at the guessing floor for thousands of steps at T=256
-(results/recall-sizing/). Trained on a mix of pair counts (each batch draws n from `train_pairs`;
-the small counts are what let it leave the plateau), then scored on a fixed test set per pair count
+(results/recall-sizing/conv/). Trained on a mix of pair counts (each batch draws n from `train_pairs`;
+the small counts are what let it leave the plateau) at lr 1e-2 (dense left the plateau by step 1,000
+at T=256 in 3 of 3 seeds; at 3e-3 the step varied from 900 to past 2,000), only the answer positions
+running the head and the last MLP (GPT.forward's labelled_only), then scored on a fixed test set per pair count
 (`test_examples` sequences each, the same for every block). Positions and other knobs come from each
 block's long-context config (config/long_<block>.py); the budget knobs from PROBE_KNOBS below
 (--knobs=config keeps the long configs', which read all of a few hundred tokens exactly). Writes
 <out>/recall.md, recall.csv and recall.png (accuracy against pairs, one panel per T). Accuracy is
-per query; chance is 1/n_values.
+per query; chance is 1/n_values. Lengths 128 and 256: at T=512 dense left the plateau within 2,500
+steps in 1 of 5 sizing settings (results/recall-sizing/lr/), and more steps do not fit 30 minutes.
 """
 
 import datetime

@@ -15,7 +15,7 @@ SCRIPTS = {
     "bench_peer.py": ("max_case_seconds", "float", "60.0", "Side by side with the official Transformer-VQ"),
     "bench_trained.py": ("repeats", "int", "7", "Cost of trained models, side by side"),
     "bench_decode.py": ("contexts", "str", "'512,2048,8192'", "Decoding cost against context length"),
-    "recall.py": ("pairs", "str", "'8,32,64'", "Recall probe: multi-query associative recall"),
+    "recall.py": ("pairs", "str", "'8,16,32,64'", "Recall probe: multi-query associative recall"),
     "diagnose.py": ("--n_seqs", "int", "2", "does the seed paper's sparsity assumption hold"),  # argparse
     "diagnose_peer.py": ("--seeds", "int", "3", "Side by side with the public HyperAttention code"),  # argparse
 }
