@@ -30,9 +30,9 @@ such an .npz, or a synthetic input (one sequence of --synthetic_T tokens, 4 head
 2. The estimate. Relative output error ||o_hat - o|| / ||o|| per (window, head), averaged over them, against
    exact causal attention over the positions
    past the smallest first chunk of the compared settings, mean over --seeds draws, (a) against T = 256 .. 16384 at the benchmarked knobs
-   (config/long_kernel_hashing.py) and at GPTConfig's defaults, beside the baselines: the same block with
-   m = 0 (hashed blocks only), the previous uniform sampling, and exact chunks only; (b) against the bucket
-   block b and samples m at T = 4096 (or the input's length).
+   (config/long_kernel_hashing.py, its kh_sampling too) and at GPTConfig's defaults, beside the baselines:
+   the same knobs with each other sampling design, m = 0 (hashed blocks only), and exact chunks only; (b)
+   against the bucket block b and samples m at T = 4096 (or the input's length), with the config's sampling.
 Writes diagnose.md, assumption.csv, error_vs_T.csv, error_vs_budget.csv, kernel_sum_growth.png,
 error_vs_T.png and error_vs_budget.png into --report_dir. Bad input: one line, exit code 2.
 """
@@ -324,7 +324,7 @@ def read_knobs(path):
     ns = configurator.exec_config(path)
     base = GPTConfig()
     return tuple(ns.get(key, getattr(base, key)) for key in ("kh_min_seq_len", "kh_bucket_block", "kh_samples",
-                                                              "kh_hash_bits"))
+                                                              "kh_hash_bits")), ns.get("kh_sampling", base.kh_sampling)
 
 
 # ----------------------------------------------------------------------------- report
@@ -391,6 +391,7 @@ def main(argv):
 
 
 def run(args, argv):
+    from kernels.kernel_hashing import KH_SAMPLING
     from model import GPTConfig
     specs = [s.strip() for s in args.inputs.split(",") if s.strip()]
     if not specs:
@@ -398,16 +399,17 @@ def run(args, argv):
     if args.seeds < 1 or args.n_seqs < 1 or args.synthetic_T < 32:
         raise DiagnoseError("--seeds and --n_seqs must be at least 1, --synthetic_T at least 32")
     Ts, buckets, samples = (int_list(getattr(args, n), n) for n in ("T", "buckets", "samples"))
-    knobs = read_knobs(args.knobs)
+    knobs, sampling0 = read_knobs(args.knobs)
     c, b0, m0, r = knobs
     base = GPTConfig()
     defaults = (base.kh_min_seq_len, base.kh_bucket_block, base.kh_samples, base.kh_hash_bits)
-    variants = [  # (label, (knobs, sampling)); b = 0: exact chunks only
-        (f"block (c{c} b{b0} m{m0})", (knobs, "sorted-strata")),
-        ("uniform samples", (knobs, "uniform")),
-        ("m = 0", ((c, b0, 0, r), "sorted-strata")),
-        ("exact chunks only", ((c, 0, 0, r), "sorted-strata")),
-        (f"GPTConfig defaults (c{defaults[0]} b{defaults[1]} m{defaults[2]})", (defaults, "sorted-strata")),
+    variants = [(f"block (c{c} b{b0} m{m0}, {sampling0})", (knobs, sampling0))]  # (label, (knobs, sampling))
+    variants += [(f"{other} samples", (knobs, other)) for other in KH_SAMPLING if other != sampling0]
+    variants += [  # b = 0: exact chunks only
+        ("m = 0", ((c, b0, 0, r), sampling0)),
+        ("exact chunks only", ((c, 0, 0, r), sampling0)),
+        (f"GPTConfig defaults (c{defaults[0]} b{defaults[1]} m{defaults[2]}, {base.kh_sampling})",
+         (defaults, base.kh_sampling)),
     ]
     os.makedirs(args.report_dir, exist_ok=True)
 
@@ -441,7 +443,7 @@ def run(args, argv):
         tb = min(args.budget_T, T)
         qt, kt, vt = q[:, :, :tb], k[:, :, :tb], v[:, :, :tb]
         exact = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-        err_budget[name] = {(b, m): rel_error(qt, kt, vt, c, b, m, r, args.seeds, exact=exact)
+        err_budget[name] = {(b, m): rel_error(qt, kt, vt, c, b, m, r, args.seeds, sampling0, exact=exact)
                             for b in buckets for m in samples}
         budget_rows += [[name, tb, c, b, m, r, f"{e:.5f}", f"{sd:.5f}"] for (b, m), (e, sd) in err_budget[name].items()]
 
@@ -467,7 +469,8 @@ def run(args, argv):
               f"Over positions >= {min(kn[0] for _, (kn, _) in variants)} (the smallest chunk below, the same for every "
               f"column; a block is exact below its own chunk); ||o_hat - o|| / ||o|| per (window, head), averaged over "
               f"them and over {args.seeds} hash/sample draws. Benchmarked knobs from "
-              f"`{args.knobs}`: exact chunks c={c}, bucket block b={b0}, samples m={m0} per rectangle, r={r} hash bits.",
+              f"`{args.knobs}`: exact chunks c={c}, bucket block b={b0}, samples m={m0} per rectangle ({sampling0}), r={r} "
+              f"hash bits; the error-against-budget table uses the same sampling.",
               ""]
     for name in err_T:
         if not err_T[name]:
@@ -477,7 +480,7 @@ def run(args, argv):
         lines += [f"| {t} | " + " | ".join(f"{row[lab][0]:.3f}" for lab, _ in variants) + " |"
                   for t, row in sorted(err_T[name].items())]
         lines.append("")
-    lines += [f"Against the budget at T = min({args.budget_T}, input length), c={c}, r={r}, sorted-strata samples "
+    lines += [f"Against the budget at T = min({args.budget_T}, input length), c={c}, r={r}, {sampling0} samples "
               f"(rows b, columns m; m = 0: hashed blocks only):", ""]
     for name, table in err_budget.items():
         lines += [f"**{name}**", "", "| b \\ m | " + " | ".join(str(m) for m in samples) + " |",

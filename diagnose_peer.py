@@ -42,7 +42,7 @@ def parse_args(argv):
     p.add_argument("--out", type=str, default="results/diagnose-peer", help="where to write peer.md and peer.csv")
     p.add_argument("--inputs", type=str, default="heavy,clustered,random-layer,sink", help="synthetic inputs")
     p.add_argument("--T", type=str, default="2048,4096", help="sequence lengths")
-    p.add_argument("--budgets", type=str, default="64-32-32-8,256-64-64-10,256-32-128-10",
+    p.add_argument("--budgets", type=str, default="64-32-32-8,256-64-64-10,256-32-128-10,256-32-160-10",
                    help="comma-separated c-b-m-r budgets")
     p.add_argument("--seeds", type=int, default=3, help="draws per error")
     p.add_argument("--start", type=int, default=64, help="first position scored")
@@ -94,6 +94,7 @@ def run_ours(q, k, v, budget, seed, sampling):
 def codes(ha):
     return {"hyperattention": lambda *a: run_theirs(ha, *a, True),
             "hyperattention-fp32-as-is": lambda *a: run_theirs(ha, *a, False),
+            "ours (importance)": lambda *a: run_ours(*a, "importance"),
             "ours (sorted-strata)": lambda *a: run_ours(*a, "sorted-strata"),
             "ours (uniform)": lambda *a: run_ours(*a, "uniform")}
 

@@ -70,7 +70,7 @@ class GPTConfig:
     kh_bucket_block: int = 32  # keys per hashed block: the heavy entries a query scores exactly
     kh_samples: int = 32  # sampled keys per past rectangle, weighted n/m
     kh_min_seq_len: int = 64  # exact causal attention inside chunks of this many tokens
-    kh_sampling: str = "sorted-strata"  # one sample per stratum of the hash-sorted keys, or "uniform"
+    kh_sampling: str = "sorted-strata"  # one sample per stratum of the hash-sorted keys; "importance"; "uniform"
     # adaptive-sparse (learned block scoring)
     as_block: int = 16
     as_threshold: float = 0.9
@@ -615,10 +615,15 @@ class KernelHashingAttention(DenseAttention):
         level l:   if i is in a second half, the first half (all past, so nothing is masked) is
                    approximated: angular LSH h(x) = Gray-rank(sign(x R_l)), R_l ~ N(0,1)^{d x r};
                    keys sorted by h and cut into blocks of b; i takes the key block B_i at its own
-                   place in that order; m keys S, one drawn in each of m equal strata of the sorted
-                   order (kh_sampling="sorted-strata"; "uniform": m uniform draws without replacement;
-                   either way every key is drawn with probability m/s):
-                   N = sum_{j in B_i} e_ij v_j + (s/m) sum_{j in S \\ B_i} e_ij v_j,  e_ij = exp(q_i.k_j/sqrt d)
+                   place in that order; m draws S with weights w_j:
+                     kh_sampling="importance": p_j = (1 - a) softmax_j(u_j) + a / s, a = 1/2, with
+                       u_j = log E[exp(q.k_j / sqrt d)] for q ~ N(mu, Sigma), the mean and covariance of
+                       the rectangle's first-half queries (all past: causal), = mu.k_j/sqrt d +
+                       k_j^T Sigma k_j / 2d; the sorted order laid out on [0, m), key j taking m p_j, one
+                       point drawn in each unit: key j is drawn m p_j times in expectation, w_j = 1/(m p_j);
+                     "sorted-strata": one key in each of m equal strata of the sorted order, w = s/m;
+                     "uniform": m uniform draws without replacement, w = s/m;
+                   N = sum_{j in B_i} e_ij v_j + sum_{draws j in S \\ B_i} w_j e_ij v_j,  e_ij = exp(q_i.k_j/sqrt d)
                    Z = the same sums of e_ij;  o_p = N / Z, lse_p = log Z
         merge:     lse = logsumexp_p lse_p,  o_i = sum_p exp(lse_p - lse) o_p,   y = o W_o
     Every N and Z is unbiased for the exact sum over the rectangle. Gradients flow through the
@@ -627,13 +632,19 @@ class KernelHashingAttention(DenseAttention):
     blocks (a leak from the future); here a query's block depends on itself and past keys only.
     With m >= s (every key sampled, weight 1) or s <= b the block equals exact attention.
 
-    Decision, by measurement (python diagnose.py; results/diagnose-long-abspos and diagnose-long):
-    strata of the hash order spread the m samples over the buckets, so the keys outside a query's
-    block are sampled in proportion to each bucket's size rather than by chance; the kernels and the
-    unbiasedness are unchanged (the plan's sample indices differ). At T=4096 with the long config's
-    budget it lowers the error on trained q, k, v from 0.277 to 0.198 where attention is spread over
-    ~2000 keys, and from 0.314 to 0.294 on a model that uses its context; it does not help a missed
-    heavy key (0.58 either way), which needs a better hash (several rounds), not better samples.
+    Decisions, by measurement (python diagnose.py; results/diagnose-long-abspos and diagnose-long;
+    errors at T=4096 on the long checkpoints' q, k, v, b 32): the error there is set by the samples
+    (it falls as 1/sqrt(m): 0.43 / 0.31 / 0.22 at m 64 / 128 / 256). Strata of the hash order spread
+    the samples over the buckets (0.314 -> 0.294 at m 128 against uniform draws). Importance draws
+    (the long config's choice) send them where the past queries score high: 0.294 -> 0.260 at m 128;
+    at m 160 0.237 / 0.247 (kernel-hashing / dense checkpoint) against 0.277 / 0.274 with uniform
+    draws, with one block's fwd+bwd at 32k 0.29x dense (0.27x at m 128 with strata). The moment
+    proxy beat the exact mean of exp over the past queries (0.283), its mean term alone (0.283) and
+    a share a of 0.2 or 0.8 (0.266, 0.285); the a/s floor bounds every weight by 2s/m. The draws
+    are a function of q and k, but like the hashes they carry no gradient: the gradient is that
+    of the estimate for the drawn plan. GPTConfig keeps "sorted-strata" (its T=64 runs were
+    measured with it). None of this finds a missed heavy key (planted-key input: HEAVY_NOTE),
+    which needs a better hash (several rounds).
 
     Randomness: planes and samples are hashes of (seed, level, rectangle, batch row, head, key),
     the seed being (per-layer seed buffer, step buffer, DDP rank) in training -- the step counter
@@ -689,14 +700,16 @@ class KernelHashingAttention(DenseAttention):
     def decode(self, x, state):
         q, k, v = self._heads(x, 0 if state is None else state[0].shape[2])
         seed = kh_hash(self.seed, 0)  # the eval-mode estimate
+        # the state keeps the queries too: importance sampling reads each rectangle's past queries
         if state is None:  # a prefix: the full pass gives every position its estimate
             return self._out(kernel_hashing_attention(q, k, v, *self._knobs(), seed, backend=self.backend,
-                                                      sampling=self.sampling)), (k, v)
-        k, v = torch.cat([state[0], k], dim=2), torch.cat([state[1], v], dim=2)
+                                                      sampling=self.sampling)), (k, v, q)
+        k, v, qs = (torch.cat([past, new], dim=2) for past, new in zip(state, (k, v, q)))
         t, S = q.shape[2], k.shape[2]
         ys = [kernel_hashing_query(q[:, :, j:j + 1], k[:, :, :S - t + j + 1], v[:, :, :S - t + j + 1],
-                                   *self._knobs(), seed, self.sampling) for j in range(t)]  # t is 1 when sampling
-        return self._out(torch.cat(ys, dim=2)), (k, v)
+                                   *self._knobs(), seed, self.sampling, qs[:, :, :S - t + j + 1])
+              for j in range(t)]  # t is 1 when sampling
+        return self._out(torch.cat(ys, dim=2)), (k, v, qs)
 
     def scored_fraction(self, T):
         """Share of the T(T+1)/2 causal (query, key) pairs whose score is computed (an upper

@@ -23,7 +23,7 @@ with an additive log-weight. The kernel returns the output and its log-sum-exp (
 
     rectangle mode (causal=False): rows = queries sorted by key block, keys = key block kb of
         the group's keys sorted by hash, plus M sampled keys; a sample that lies in block kb
-        is dropped (it is already counted exactly); a sample's score gets + log_w.
+        is dropped (it is already counted exactly); a sample's score gets + its log-weight.
     diagonal mode (causal=True): rows and keys in their own order, key j <= query i.
 
 Backward takes the gradients of both outputs, dO and dLSE: with P the softmax weights,
@@ -40,7 +40,8 @@ from kernels._triton import HAS_TRITON, tl, triton
 
 # ------------------------------------------------------------------------------- reference (PyTorch)
 
-KH_SAMPLING = ("sorted-strata", "uniform")  # how a rectangle's samples are drawn (see _kh_plan)
+KH_SAMPLING = ("importance", "sorted-strata", "uniform")  # how a rectangle's samples are drawn (see _kh_plan)
+KH_DEFENSIVE = 0.5  # importance sampling: this share of the probability is spread uniformly over the keys
 _KH_M32 = 0xFFFFFFFF
 _KH_GOLDEN = 0x9E3779B9
 
@@ -89,7 +90,35 @@ def _kh_level_ranks(q, k, level, seed, r):
     return _kh_gray_rank(torch.matmul(q.float(), planes)), _kh_gray_rank(torch.matmul(k.float(), planes))
 
 
-def _kh_plan(rq, rk, level, pairs, qpos, seed, block, samples, sampling="sorted-strata"):
+def _kh_key_log_proxy(q_past, k, scale):
+    """Log importance of each key of a rectangle, from the queries of its first half (all past for
+    every query that reads it, so the plan stays causal): log E[exp(scale q.k)] for q ~ N(mu, Sigma),
+    mu and Sigma the mean and covariance of those queries: scale mu.k + scale^2 k^T Sigma k / 2.
+    q_past, k (..., s, d) -> (..., s) float32. O(s d^2)."""
+    q_past, k = q_past.float(), k.float()
+    mu = q_past.mean(-2, keepdim=True)
+    c = q_past - mu
+    cov = c.transpose(-1, -2) @ c / q_past.shape[-2]
+    return (scale * (k @ mu.transpose(-1, -2)).squeeze(-1)
+            + 0.5 * scale * scale * ((k @ cov) * k).sum(-1))
+
+
+def _kh_inclusion(p, m):
+    """Inclusion probabilities pi = min(1, c p) with sum m (p (G, n) rows summing to 1, m < n): the
+    keys that p would give more than one draw are taken for sure (weight 1) and the rest share the
+    remaining draws in proportion to p. c by water-filling over p sorted in descending order: with
+    the k largest capped, c = (m - k) / (sum of the rest), for the first k at which the (k+1)-th
+    largest is not capped. No host sync."""
+    n = p.shape[1]
+    top = p.sort(1, descending=True).values
+    rest = top.flip(1).cumsum(1).flip(1)  # sum of the k-th largest and all below it
+    k = torch.arange(n, device=p.device, dtype=p.dtype)
+    first = ((m - k) * top <= rest).to(torch.uint8).argmax(1, keepdim=True)  # true from k = m - 1 on
+    c = (m - first.to(p.dtype)) / rest.gather(1, first)
+    return (c * p).clamp(max=1.0)
+
+
+def _kh_plan(rq, rk, level, pairs, qpos, seed, block, samples, sampling="sorted-strata", key_log_proxy=None):
     """Key blocks and samples for P past rectangles at one level.
 
     rq (B, H, P, SQ): Gray ranks of the rectangles' queries, at local positions qpos (SQ,) within
@@ -103,7 +132,15 @@ def _kh_plan(rq, rk, level, pairs, qpos, seed, block, samples, sampling="sorted-
     key is drawn from each (needs m | SK; otherwise, and with sampling='uniform', m keys are drawn
     uniformly without replacement). Strata of the sorted order spread the samples over the buckets,
     so a cluster of similar keys outside the query's block is sampled in proportion to its size
-    instead of by chance: same budget, same unbiasedness, lower variance (diagnose.py measures it). All is
+    instead of by chance: same budget, same unbiasedness, lower variance (diagnose.py measures it).
+    sampling='importance': p_j = (1 - a) softmax(key_log_proxy)_j + a / SK (a = KH_DEFENSIVE;
+    key_log_proxy (B, H, P, SK) from _kh_key_log_proxy), inclusion probabilities pi_j = min(1, c p_j)
+    summing to m (_kh_inclusion); the sorted order is laid out on [0, m), key j taking a length pi_j,
+    and the points u, u + 1, ..., u + m - 1 (one uniform offset u per rectangle: systematic sampling)
+    pick the m keys: key j is drawn with probability pi_j, never twice, and weighs 1 / pi_j, so the
+    sums stay unbiased, the draws stay spread over the buckets, and keys that the past queries score
+    high are drawn more often (a key with pi_j = 1 always, weight 1). log_w: (G, m) per-sample
+    log-weights (float32), log(SK/m) for the other designs. All is
     a function of (seed, level, pair, batch row, head, position), so a prefix of a sequence gets
     the plan of the whole sequence (which cached decoding relies on). Integer tensors over
     G = B*H*P groups: q_kb (G, SQ), k_order, k_kb (G, SK), s_idx, s_kb (G, m) or None.
@@ -126,14 +163,26 @@ def _kh_plan(rq, rk, level, pairs, qpos, seed, block, samples, sampling="sorted-
         assert SK < 2**24
         bhp = (torch.arange(B, device=dev).view(B, 1, 1, 1), torch.arange(H, device=dev).view(1, H, 1, 1),
                pairs.view(1, 1, P, 1))
-        if sampling == "sorted-strata" and SK % m == 0:
+        log_w = None
+        if sampling == "importance" and m < SK:  # (m = SK: every key once, weight 1, below: exact)
+            p = torch.softmax(key_log_proxy.reshape(G, SK).double(), -1) * (1 - KH_DEFENSIVE) + KH_DEFENSIVE / SK
+            pi = _kh_inclusion(p, m)
+            edges = torch.cumsum(pi.gather(1, k_order), 1)  # key j's interval of [0, m) ends here
+            edges[:, -1] = m
+            u = (kh_hash(seed, 7, level, *bhp, 0) & 0xFFFFFF).double().reshape(G, 1) / 2**24  # one offset
+            at = torch.searchsorted(edges, torch.arange(m, device=dev) + u, right=True).clamp(max=SK - 1)
+            s_idx = k_order.gather(1, at)
+            log_w = -torch.log(pi.gather(1, s_idx)).float()
+        elif sampling == "sorted-strata" and SK % m == 0:
             stride, j = SK // m, torch.arange(m, device=dev)
             slot = j * stride + kh_hash(seed, 5, level, *bhp, j) % stride  # one place in each stratum
             s_idx = k_order.gather(1, slot.reshape(G, m))
         else:
             words = kh_hash(seed, 2, level, *bhp, ar)
             s_idx = ((words << 24) | ar).topk(m, dim=-1).indices.reshape(G, m)  # distinct keys: no ties
-        plan.update(s_idx=s_idx, s_kb=k_kb.gather(1, s_idx), log_w=math.log(SK / m))
+        if log_w is None:
+            log_w = torch.full((G, m), math.log(SK / m), device=dev)
+        plan.update(s_idx=s_idx, s_kb=k_kb.gather(1, s_idx), log_w=log_w)
     return plan
 
 
@@ -164,21 +213,24 @@ def kernel_hashing_log_weights(q, k, min_seq_len, bucket_block, samples, hash_bi
             k0, q0 = pair * 2 * s, pair * 2 * s + s
             nq = min(s, T - q0)
             rq, rk = _kh_level_ranks(q[:, :, q0:q0 + nq], k[:, :, k0:k0 + s], level, seed, hash_bits)
+            proxy = _kh_key_log_proxy(q[:, :, k0:k0 + s], k[:, :, k0:k0 + s], d ** -0.5)[:, :, None]
             plan = _kh_plan(rq[:, :, None], rk[:, :, None], level, torch.tensor([pair], device=dev),
-                            torch.arange(nq, device=dev), seed, bucket_block, samples, sampling)
+                            torch.arange(nq, device=dev), seed, bucket_block, samples, sampling, proxy)
             W[:, :, q0:q0 + nq, k0:k0 + s] = _kh_plan_log_weights(plan, q.dtype).view(B, H, nq, s)
     return W
 
 
 def _kh_plan_log_weights(plan, dtype=torch.float32):
-    """One level's plan written densely: (G, SQ, SK) log-weights, 0 on the query's key block,
-    log(n/m) on sampled keys outside it, -inf elsewhere."""
+    """One level's plan written densely: (G, SQ, SK) log-weights, 0 on the query's key block, on
+    sampled keys outside it the log of their summed draw weights (n/m each for uniform draws), -inf
+    elsewhere."""
     same = plan["k_kb"][:, None, :] == plan["q_kb"][:, :, None]
     w = torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill(~same, float("-inf"))
     if plan["s_idx"] is not None:
-        sampled = torch.zeros(plan["k_kb"].shape, dtype=torch.bool, device=same.device)
-        sampled.scatter_(1, plan["s_idx"], True)
-        w = w.masked_fill(sampled[:, None, :] & ~same, plan["log_w"])
+        weight = torch.zeros(plan["k_kb"].shape, dtype=torch.float64, device=same.device)
+        weight.scatter_add_(1, plan["s_idx"], plan["log_w"].double().exp())  # a key drawn twice counts twice
+        sampled = torch.where(weight > 0, weight.log(), float("-inf")).to(dtype)
+        w = torch.where(same, w, sampled[:, None, :])
     return w
 
 
@@ -229,7 +281,7 @@ def _kh_pieces(plan, q_rows, k_rows):
                    mask=active[:, :, None] & real_key[:, None, :], bias=0.0)]
     if plan["s_idx"] is not None:  # sampled keys, minus those in the query's own block
         pieces.append(dict(rows_q=q_rows, rows_k=k_rows.gather(1, plan["s_idx"]),
-                           mask=plan["s_kb"][:, None, :] != plan["q_kb"][:, :, None], bias=plan["log_w"]))
+                           mask=plan["s_kb"][:, None, :] != plan["q_kb"][:, :, None], bias=plan["log_w"][:, None, :]))
     return pieces
 
 
@@ -241,15 +293,16 @@ def _kh_put(acc, rows, val):
     if rows is None:
         acc[:val.shape[0] * val.shape[1]] += val.flatten(0, 1)
     else:
-        acc.index_put_((rows.flatten(),), val.flatten(0, 1), accumulate=True)
+        acc.index_add_(0, rows.flatten(), val.flatten(0, 1))
 
 
 def _kh_scores(qf, kf, piece, scale):
     nt, r = piece["rows_q"].shape if piece["rows_q"] is not None else piece["shape"]
     kk = piece["rows_k"].shape[1] if piece["rows_k"] is not None else r
     qt, kt = _kh_take(qf, piece["rows_q"], nt, r), _kh_take(kf, piece["rows_k"], nt, kk)
-    s = torch.baddbmm(torch.full((), piece["bias"], dtype=qt.dtype, device=qt.device), qt, kt.transpose(1, 2),
-                      alpha=scale)
+    bias = piece["bias"]  # a number, or per-sample log-weights (NT, 1, K)
+    bias = bias.to(qt.dtype) if torch.is_tensor(bias) else torch.full((), bias, dtype=qt.dtype, device=qt.device)
+    s = torch.baddbmm(bias, qt, kt.transpose(1, 2), alpha=scale)
     if piece["mask"] is not None:
         s.masked_fill_(~piece["mask"], float("-inf"))
     return s, qt, kt
@@ -451,8 +504,12 @@ def kernel_hashing_attention(q, k, v, min_seq_len, bucket_block, samples, hash_b
             n = Tp // (2 * s)
             rq = _kh_gray_rank(pq[..., level * r:(level + 1) * r]).view(B, H, n, 2, s)[:, :, :P, 1]
             rk = _kh_gray_rank(pk[..., level * r:(level + 1) * r]).view(B, H, n, 2, s)[:, :, :P, 0]
+            proxy = None
+            if sampling == "importance":  # from each rectangle's first half: its keys and their queries
+                proxy = _kh_key_log_proxy(q.view(B, H, n, 2, s, d)[:, :, :P, 0], k.view(B, H, n, 2, s, d)[:, :, :P, 0],
+                                          scale)
             plans.append(_kh_plan(rq, rk, level, torch.arange(P, device=dev), torch.arange(s, device=dev),
-                                  seed, bucket_block, samples, sampling))
+                                  seed, bucket_block, samples, sampling, proxy))
     if use_triton:
         assert B * H * Tp < 2**31
         with torch.no_grad():
@@ -477,9 +534,11 @@ def kernel_hashing_attention(q, k, v, min_seq_len, bucket_block, samples, hash_b
     return o[:, :, :T]
 
 
-def kernel_hashing_query(q, k, v, min_seq_len, bucket_block, samples, hash_bits, seed, sampling="sorted-strata"):
-    """The same estimate for one query at the last position: q (B, H, 1, d), k, v (B, H, S, d).
-    Hashes and samples only the past rectangles this query sees; used by decoding."""
+def kernel_hashing_query(q, k, v, min_seq_len, bucket_block, samples, hash_bits, seed, sampling="sorted-strata",
+                         q_past=None):
+    """The same estimate for one query at the last position: q (B, H, 1, d), k, v (B, H, S, d);
+    q_past (B, H, S, d): the queries at every position (sampling='importance' reads those of each
+    rectangle's first half). Hashes and samples only the past rectangles this query sees; used by decoding."""
     B, H, S, d = k.shape
     c, i, dev = min_seq_len, S - 1, q.device
     ci = i // c
@@ -492,8 +551,14 @@ def kernel_hashing_query(q, k, v, min_seq_len, bucket_block, samples, hash_bits,
         pair = i // (2 * s)
         kr = k[:, :, pair * 2 * s:pair * 2 * s + s]
         rq, rk = _kh_level_ranks(q, kr, level, seed, hash_bits)
+        proxy = None
+        if sampling == "importance":
+            if q_past is None:
+                raise ValueError("sampling='importance' needs the past queries (q_past)")
+            proxy = _kh_key_log_proxy(q_past[:, :, pair * 2 * s:pair * 2 * s + s], kr, d ** -0.5)[:, :, None]
         plan = _kh_plan(rq[:, :, None], rk[:, :, None], level, torch.tensor([pair], device=dev),
-                        torch.tensor([i - pair * 2 * s - s], device=dev), seed, bucket_block, samples, sampling)
+                        torch.tensor([i - pair * 2 * s - s], device=dev), seed, bucket_block, samples, sampling,
+                        proxy)
         pieces += _kh_pieces(plan, bh, bh * S + pair * 2 * s + torch.arange(s, device=dev))
     o, _, _ = _kh_attend(q.reshape(B * H, d), k.reshape(B * H * S, d), v.reshape(B * H * S, d), pieces, d ** -0.5)
     return o.view(B, H, 1, d)
@@ -507,8 +572,8 @@ DOT_PRECISION = tl.constexpr("ieee")
 
 
 @triton.jit
-def _kh_fwd_kernel(Q, K, V, O, LSE, QORD, QKB, KORD, SIDX, SKB, TG, TQ0, TKB,
-                   SQ, SK, M, KBLK, D, scale, log_w,
+def _kh_fwd_kernel(Q, K, V, O, LSE, QORD, QKB, KORD, SIDX, SKB, SLW, TG, TQ0, TKB,
+                   SQ, SK, M, KBLK, D, scale,
                    DP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
                    CAUSAL: tl.constexpr):
     t = tl.program_id(0)
@@ -556,17 +621,18 @@ def _kh_fwd_kernel(Q, K, V, O, LSE, QORD, QKB, KORD, SIDX, SKB, TG, TQ0, TKB,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    if not CAUSAL:  # the sampled keys, weighted by n/m, minus those already in block kb
+    if not CAUSAL:  # the sampled keys, each with its log-weight, minus those already in block kb
         for s0 in range(0, M, BM):
             j = s0 + tl.arange(0, BM)
             jvalid = j < M
             si = tl.load(SIDX + g * M + j, mask=jvalid, other=0)
             skb = tl.load(SKB + g * M + j, mask=jvalid, other=-1)
+            lw = tl.load(SLW + g * M + j, mask=jvalid, other=0.0)  # the sample's log-weight
             krow = (g * SK + si).to(tl.int64)
             kvmask = jvalid[:, None] & dmask[None, :]
             k = tl.load(K + krow[:, None] * D + dofs[None, :], mask=kvmask, other=0.0)
             v = tl.load(V + krow[:, None] * D + dofs[None, :], mask=kvmask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale + log_w
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale + lw[None, :]
             s = tl.where((jvalid & (skb != kb))[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
@@ -581,8 +647,8 @@ def _kh_fwd_kernel(Q, K, V, O, LSE, QORD, QKB, KORD, SIDX, SKB, TG, TQ0, TKB,
 
 
 @triton.jit
-def _kh_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DKS, DVS, QORD, QKB, KORD, SIDX, SKB, TG, TQ0, TKB,
-                   SQ, SK, M, KBLK, D, scale, log_w,
+def _kh_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DKS, DVS, QORD, QKB, KORD, SIDX, SKB, SLW, TG, TQ0, TKB,
+                   SQ, SK, M, KBLK, D, scale,
                    DP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
                    CAUSAL: tl.constexpr):
     t = tl.program_id(0)
@@ -638,11 +704,12 @@ def _kh_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DKS, DVS, QORD, QKB, KOR
             jvalid = j < M
             si = tl.load(SIDX + g * M + j, mask=jvalid, other=0)
             skb = tl.load(SKB + g * M + j, mask=jvalid, other=-1)
+            lw = tl.load(SLW + g * M + j, mask=jvalid, other=0.0)  # the sample's log-weight
             krow = (g * SK + si).to(tl.int64)
             kvmask = jvalid[:, None] & dmask[None, :]
             k = tl.load(K + krow[:, None] * D + dofs[None, :], mask=kvmask, other=0.0)
             v = tl.load(V + krow[:, None] * D + dofs[None, :], mask=kvmask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale + log_w
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale + lw[None, :]
             keep = active[:, None] & (jvalid & (skb != kb))[None, :]
             p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
             dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -679,8 +746,8 @@ def _gba_fwd(q, k, v, plan, meta):
     G, SQ, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(G, SQ, device=q.device, dtype=torch.float32)
-    _kh_fwd_kernel[(plan[5].numel(),)](q, k, v, o, lse, *plan, SQ, k.shape[1], meta["M"], meta["key_block"], D,
-                                       meta["scale"], meta["log_w"], CAUSAL=meta["causal"], num_warps=FWD_WARPS,
+    _kh_fwd_kernel[(plan[6].numel(),)](q, k, v, o, lse, *plan, SQ, k.shape[1], meta["M"], meta["key_block"], D,
+                                       meta["scale"], CAUSAL=meta["causal"], num_warps=FWD_WARPS,
                                        **meta["launch"])
     return o, lse
 
@@ -690,7 +757,7 @@ def _gba_bwd(q, k, v, do, lse, delta, plan, meta):
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     G, SQ, D = q.shape
     SK, M = k.shape[1], meta["M"]
-    tile_g = plan[5]
+    tile_g = plan[6]
     ntiles = tile_g.numel()
     dq = torch.empty(G, SQ, D, device=q.device, dtype=torch.float32)
     dk = torch.zeros(G, SK, D, device=q.device, dtype=torch.float32)
@@ -698,7 +765,7 @@ def _gba_bwd(q, k, v, do, lse, delta, plan, meta):
     dks = torch.empty(max(ntiles * M, 1), D, device=q.device, dtype=torch.float32)
     dvs = torch.empty(max(ntiles * M, 1), D, device=q.device, dtype=torch.float32)
     _kh_bwd_kernel[(ntiles,)](q, k, v, do, lse.contiguous(), delta.float().contiguous(), dq, dk, dv, dks, dvs,
-                              *plan, SQ, SK, M, meta["key_block"], D, meta["scale"], meta["log_w"],
+                              *plan, SQ, SK, M, meta["key_block"], D, meta["scale"],
                               CAUSAL=meta["causal"], num_warps=BWD_WARPS, **meta["launch"])
     if M > 0 and ntiles > 0:  # sum the tiles' partials per group, then add them at the sampled keys
         s_idx = plan[3].long()[:, :, None].expand(G, M, D)
@@ -735,12 +802,15 @@ def _gba_launch(device, d, q_order, q_kb, k_order, s_idx, s_kb, tile_g, tile_q0,
     i32 = lambda x: x.to(device=device, dtype=torch.int32).contiguous()  # noqa: E731
     dummy = torch.zeros(1, device=device, dtype=torch.int32)
     M = 0 if (causal or s_idx is None) else s_idx.shape[1]
+    if M and not torch.is_tensor(log_w):  # one weight for every sample
+        log_w = torch.full(s_idx.shape, float(log_w))
+    slw = log_w.to(device=device, dtype=torch.float32).contiguous() if M else torch.zeros(1, device=device)
     plan = (dummy if q_order is None else i32(q_order), dummy if q_kb is None else i32(q_kb),
             dummy if k_order is None else i32(k_order), i32(s_idx) if M else dummy, i32(s_kb) if M else dummy,
-            i32(tile_g), i32(tile_q0), i32(tile_kb))
+            slw, i32(tile_g), i32(tile_q0), i32(tile_kb))
     assert rows in (16, 32), "rows per tile must be 16 or 32"
     kblk = SQ if causal else key_block
-    meta = dict(M=M, key_block=int(kblk), scale=float(scale), log_w=float(log_w), causal=bool(causal),
+    meta = dict(M=M, key_block=int(kblk), scale=float(scale), causal=bool(causal),
                 launch=_launch_args(d, M, rows, rows if causal else key_block))
     return plan, meta
 
@@ -753,6 +823,7 @@ def gathered_block_attention(q, k, v, q_order, q_kb, k_order, s_idx, s_kb, tile_
       q_order (G, SQ): query indices in sorted order; q_kb (G, SQ): key block of each sorted query;
       k_order (G, SK): key indices sorted by hash (block b = sorted positions b*key_block ...);
       s_idx, s_kb (G, M): sampled key indices and the key block each lies in (M may be 0);
+      log_w: the samples' log-weights, a number for all or (G, M) float per sample;
       tile_g, tile_q0, tile_kb (NT,): a tile's group, first sorted query row (a multiple of
       `rows`) and key block (a block no query has: an inactive tile). causal=True: diagonal mode
       (orders, q_kb, samples unused).
@@ -770,26 +841,27 @@ def _signature(names, fp):
     ptrs.update({n: "*fp32" for n in names["fp32"]})
     ptrs.update({n: "*i32" for n in names["int"]})
     ptrs.update({n: "i32" for n in ("SQ", "SK", "M", "KBLK", "D")})
-    ptrs.update({"scale": "fp32", "log_w": "fp32"})
+    ptrs.update({"scale": "fp32", "SLW": "*fp32"})
     ptrs.update({n: "constexpr" for n in ("DP", "BQ", "BK", "BM", "CAUSAL")})
     return ptrs
 
 
 _INT = ["QORD", "QKB", "KORD", "SIDX", "SKB", "TG", "TQ0", "TKB"]
+_PLAN = ["QORD", "QKB", "KORD", "SIDX", "SKB", "SLW", "TG", "TQ0", "TKB"]  # the kernels' plan arguments, in order
 
 
 def _fwd_sig(fp):
     names = {"float": ["Q", "K", "V", "O"], "fp32": ["LSE"], "int": _INT}
-    order = ["Q", "K", "V", "O", "LSE"] + _INT + ["SQ", "SK", "M", "KBLK", "D", "scale", "log_w",
-                                                   "DP", "BQ", "BK", "BM", "CAUSAL"]
+    order = ["Q", "K", "V", "O", "LSE"] + _PLAN + ["SQ", "SK", "M", "KBLK", "D", "scale",
+                                                    "DP", "BQ", "BK", "BM", "CAUSAL"]
     sig = _signature(names, fp)
     return {n: sig[n] for n in order}
 
 
 def _bwd_sig(fp):
     names = {"float": ["Q", "K", "V", "DO"], "fp32": ["LSE", "DELTA", "DQ", "DK", "DV", "DKS", "DVS"], "int": _INT}
-    order = ["Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "DK", "DV", "DKS", "DVS"] + _INT + [
-        "SQ", "SK", "M", "KBLK", "D", "scale", "log_w", "DP", "BQ", "BK", "BM", "CAUSAL"]
+    order = ["Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "DK", "DV", "DKS", "DVS"] + _PLAN + [
+        "SQ", "SK", "M", "KBLK", "D", "scale", "DP", "BQ", "BK", "BM", "CAUSAL"]
     sig = _signature(names, fp)
     return {n: sig[n] for n in order}
 

@@ -27,9 +27,9 @@ def qkv(B, H, T, d, dtype=torch.float64, seed=0, grad=False):
     return [t.requires_grad_(grad) for t in out]
 
 
-def reference(q, k, v, kn, seed):
+def reference(q, k, v, kn, seed, sampling="sorted-strata"):
     """The same estimator written densely: softmax(q k^T / sqrt(d) + W) v, W from the same hashes and samples."""
-    W = KH.kernel_hashing_log_weights(q.detach(), k.detach(), *kn, seed)
+    W = KH.kernel_hashing_log_weights(q.detach(), k.detach(), *kn, seed, sampling)
     return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + W, -1) @ v
 
 
@@ -60,29 +60,32 @@ def test_exact_at_or_below_min_seq_len():
     assert rel_err(out, F.scaled_dot_product_attention(q, k, v, is_causal=True)) < 1e-12
 
 
-@pytest.mark.parametrize("T", [45, 77])
-def test_full_budget_equals_exact_attention(T):
+@pytest.mark.parametrize("T,sampling", [(45, "sorted-strata"), (77, "sorted-strata"), (77, "importance")])
+def test_full_budget_equals_exact_attention(T, sampling):
     """Samples covering every key (weight n/m = 1): exact attention, outputs and gradients."""
     q, k, v = qkv(2, 2, T, 8, grad=True)
     go = torch.randn(2, 2, T, 8, dtype=torch.float64)
-    out = KH.kernel_hashing_attention(q, k, v, *knobs(kh_samples=T), 11, backend="torch")
+    out = KH.kernel_hashing_attention(q, k, v, *knobs(kh_samples=T), 11, backend="torch", sampling=sampling)
     exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert rel_err(out, exact) < 1e-12
     for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(exact, (q, k, v), go)):
         assert rel_err(a, b) < 1e-12
     # with a small budget the same call is a real approximation
-    small = KH.kernel_hashing_attention(q, k, v, *knobs(), 11, backend="torch")
+    small = KH.kernel_hashing_attention(q, k, v, *knobs(), 11, backend="torch", sampling=sampling)
     assert rel_err(small, exact) > 1e-2
 
 
-@pytest.mark.parametrize("T,seed,m", [(45, 1, 6), (77, 2, 6), (64, 3, 6), (77, 4, 4)])
-def test_matches_dense_reference_of_same_estimator(T, seed, m):
+@pytest.mark.parametrize("T,seed,m,sampling", [(45, 1, 6, "sorted-strata"), (77, 2, 6, "sorted-strata"),
+                                                (64, 3, 6, "sorted-strata"), (77, 4, 4, "sorted-strata"),
+                                                (77, 5, 6, "importance"), (64, 6, 4, "importance")])
+def test_matches_dense_reference_of_same_estimator(T, seed, m, sampling):
     """Forward and every gradient against autograd through the dense form with the same hashes and samples
-    (m 6 does not divide the rectangles' sides 8, 16, 32: uniform draws; m 4 does: sorted strata)."""
+    (m 6 does not divide the rectangles' sides 8, 16, 32: uniform draws; m 4 does: sorted strata; importance:
+    per-sample weights, keys drawn twice included)."""
     q, k, v = qkv(1, 3, T, 8, seed=seed, grad=True)
     go = torch.randn(1, 3, T, 8, dtype=torch.float64)
-    out = KH.kernel_hashing_attention(q, k, v, *knobs(kh_samples=m), seed, backend="torch")
-    ref = reference(q, k, v, knobs(kh_samples=m), seed)
+    out = KH.kernel_hashing_attention(q, k, v, *knobs(kh_samples=m), seed, backend="torch", sampling=sampling)
+    ref = reference(q, k, v, knobs(kh_samples=m), seed, sampling)
     assert rel_err(out, ref) < 1e-10
     for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
         assert rel_err(a, b) < 1e-10
@@ -101,7 +104,7 @@ def test_gradient_flows_through_the_merge_weights():
     assert rel_err(dq_bad, dq) > 0.1 and rel_err(dk_bad, dk) > 0.1
 
 
-@pytest.mark.parametrize("sampling", ["sorted-strata", "uniform"])
+@pytest.mark.parametrize("sampling", ["sorted-strata", "uniform", "importance"])
 def test_sampled_part_is_unbiased(sampling):
     """Over draws, the estimated sums Z_i = sum_j e_ij and N_i = sum_j e_ij v_j of a past rectangle
     (exact block + sampled rest weighted n/m) average to the exact sums; weight 1 is visibly biased.
@@ -111,7 +114,8 @@ def test_sampled_part_is_unbiased(sampling):
     S = (q @ k.transpose(-1, -2) / math.sqrt(8))[..., s:, :s]  # queries s..2s-1 against keys 0..s-1
     exact_z, exact_n = S[0].exp().sum(-1), S[0].exp() @ v[0, :, :s]
     W = KH.kernel_hashing_log_weights(q, k, s, 8, 8, 3, 17, sampling)[..., s:, :s]
-    assert (W == 0).sum(-1).eq(8).all() and (W > 0).any()  # a block of 8 keys exactly, some sampled keys
+    n_exact = (W == 0).sum(-1)  # a block of 8 keys exactly (importance: and the keys drawn for sure, weight 1)
+    assert (n_exact.eq(8) if sampling != "importance" else n_exact.ge(8)).all() and (W > 0).any()
     e = torch.exp(S + W)
     for est, exact in ((e.sum(-1), exact_z), (e @ v[..., :s, :], exact_n)):
         z = (est.mean(0) - exact) / (est.std(0) / math.sqrt(R)).clamp_min(1e-12)
@@ -142,14 +146,49 @@ def test_sorted_strata_take_one_key_from_each_stratum_of_the_hashed_order():
     assert torch.equal(odd["s_idx"], KH._kh_plan(*args, 6, "uniform")["s_idx"])
 
 
-def test_causal_through_the_whole_gpt():
-    m = tiny_gpt().eval()
+def test_importance_draws_each_key_with_probability_pi_and_weight_one_over_pi():
+    """importance: p = (1 - a) softmax(proxy) + a / s; inclusion probabilities pi = min(1, c p) sum to m;
+    key j is drawn with probability pi_j (never twice) and weighs 1 / pi_j; a key whose m p_j > 1 is
+    drawn in every plan with weight 1; the draws follow the hashed order."""
+    s, m, G = 64, 8, 3
+    q, k, _ = qkv(1, G, s, 8, seed=4)
+    rq, rk = KH._kh_level_ranks(q, k, 0, 5, 4)
+    proxy = torch.randn(1, G, 1, s, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    proxy[0, 0, 0, 7] = 12.0  # one key takes nearly all of the proxy's mass in group 0: m p > 1
+    a = KH.KH_DEFENSIVE
+    p = (1 - a) * torch.softmax(proxy.reshape(G, s), -1) + a / s
+    pi = KH._kh_inclusion(p, m)
+    assert torch.allclose(pi.sum(1), torch.full((G,), float(m), dtype=pi.dtype)) and pi.max() <= 1
+    capped = pi == 1
+    assert capped[0, 7] and (m * p[0, 7]) > 1
+    for g in range(G):
+        ratio = pi[g][~capped[g]] / p[g][~capped[g]]
+        assert torch.allclose(ratio, ratio[0].expand_as(ratio)) and (ratio[0] * p[g][capped[g]] >= 1).all()
+    args = (rq[:, :, None], rk[:, :, None], 0, torch.tensor([0]), torch.arange(s))
+    counts, draws = torch.zeros(G, s, dtype=torch.float64), 400
+    for seed in range(draws):
+        plan = KH._kh_plan(*args, seed, 8, m, "importance", proxy)
+        assert plan["s_idx"].shape == (G, m)
+        assert all(len(set(row.tolist())) == m for row in plan["s_idx"])  # distinct keys
+        assert torch.allclose(plan["log_w"].double(), -torch.log(pi.gather(1, plan["s_idx"])), atol=1e-6)
+        place = torch.argsort(plan["k_order"], dim=1).gather(1, plan["s_idx"])
+        assert (place.diff(dim=1) > 0).all()  # one draw per unit of [0, m), in the sorted order
+        counts.scatter_add_(1, plan["s_idx"], torch.ones(G, m, dtype=torch.float64))
+    assert counts[0, 7] == draws  # the capped key: every plan
+    se = (pi * (1 - pi) / draws).sqrt().clamp_min(1e-9)
+    assert ((counts / draws - pi).abs() / se).max() < 5  # every key, within sampling noise
+
+
+@pytest.mark.parametrize("sampling", ["sorted-strata", "importance"])
+def test_causal_through_the_whole_gpt(sampling):
+    m = tiny_gpt(kh_sampling=sampling).eval()
     idx = torch.randint(0, 40, (2, 64), generator=torch.Generator().manual_seed(1))
     assert_causal(m, idx, (5, 20, 40), vocab_size=40, atol=1e-5)
 
 
-def test_decode_reproduces_forward_and_cached_generation_equals_recompute():
-    m = tiny_gpt().eval()
+@pytest.mark.parametrize("sampling", ["sorted-strata", "importance"])
+def test_decode_reproduces_forward_and_cached_generation_equals_recompute(sampling):
+    m = tiny_gpt(kh_sampling=sampling).eval()
     idx = torch.randint(0, 40, (2, 60), generator=torch.Generator().manual_seed(2))
     full, _ = m(idx, idx)
     logits, states = m.decode(idx[:, :21], None, 0)
@@ -268,13 +307,15 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-@pytest.mark.parametrize("train,backend", [(True, "torch"), (False, "torch"), (True, "triton")])
-def test_no_host_sync_in_forward_and_backward(monkeypatch, train, backend):
+@pytest.mark.parametrize("train,backend,sampling", [(True, "torch", "sorted-strata"), (False, "torch", "sorted-strata"),
+                                                     (True, "triton", "sorted-strata"), (True, "torch", "importance"),
+                                                     (True, "triton", "importance")])
+def test_no_host_sync_in_forward_and_backward(monkeypatch, train, backend, sampling):
     """A real budget (T 256, chunks 32, blocks 16, 16 samples): one forward and backward of the block reads no
     tensor value on the host, so a GPU never stalls on it. Eval also gathers the approx_mass statistic; the
     Triton path's wrapper (plans, tiles, merges) is checked with the kernel launches stubbed out."""
     cfg = GPTConfig(n_embd=64, n_head=2, block_size=256, attention="kernel-hashing", kh_min_seq_len=32,
-                    kh_bucket_block=16, kh_samples=16, kh_hash_bits=4)
+                    kh_bucket_block=16, kh_samples=16, kh_hash_bits=4, kh_sampling=sampling)
     torch.manual_seed(0)
     m = ATTENTION["kernel-hashing"](cfg).train(train)
     m.backend = backend
@@ -294,15 +335,17 @@ def test_no_host_sync_in_forward_and_backward(monkeypatch, train, backend):
 triton = pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("T,d,kn", [(45, 24, knobs()), (40, 16, knobs(kh_min_seq_len=10, kh_bucket_block=7,
-                                                                              kh_samples=20))])
-def test_triton_block_matches_torch(T, d, kn):
+@pytest.mark.parametrize("T,d,kn,sampling", [(45, 24, knobs(), "sorted-strata"),
+                                              (40, 16, knobs(kh_min_seq_len=10, kh_bucket_block=7, kh_samples=20),
+                                               "sorted-strata"),
+                                              (45, 24, knobs(), "importance")])
+def test_triton_block_matches_torch(T, d, kn, sampling):
     """Whole block: chunks (causal mode) and every level (hashed mode), outputs and gradients, float32."""
     q, k, v = (t.to(DEVICE).requires_grad_() for t in qkv(1, 2, T, d, dtype=torch.float32, seed=T))
     go = torch.randn(1, 2, T, d).to(DEVICE)
     outs = {}
     for backend in ("torch", "triton"):
-        o = KH.kernel_hashing_attention(q, k, v, *kn, 21, backend=backend)
+        o = KH.kernel_hashing_attention(q, k, v, *kn, 21, backend=backend, sampling=sampling)
         outs[backend] = (o, *torch.autograd.grad(o, (q, k, v), go))
     for a, b in zip(outs["triton"], outs["torch"]):
         assert not a.isnan().any()
