@@ -634,17 +634,20 @@ class KernelHashingAttention(DenseAttention):
 
     Decisions, by measurement (python diagnose.py; results/diagnose-long-abspos and diagnose-long;
     errors at T=4096 on the long checkpoints' q, k, v, b 32): the error there is set by the samples
-    (it falls as 1/sqrt(m): 0.43 / 0.31 / 0.22 at m 64 / 128 / 256). Strata of the hash order spread
-    the samples over the buckets (0.314 -> 0.294 at m 128 against uniform draws). Importance draws
-    (the long config's choice) send them where the past queries score high: 0.294 -> 0.260 at m 128;
-    at m 160 0.237 / 0.247 (kernel-hashing / dense checkpoint) against 0.277 / 0.274 with uniform
-    draws, with one block's fwd+bwd at 32k 0.29x dense (0.27x at m 128 with strata). The moment
-    proxy beat the exact mean of exp over the past queries (0.283), its mean term alone (0.283) and
-    a share a of 0.2 or 0.8 (0.266, 0.285); the a/s floor bounds every weight by 2s/m. The draws
-    are a function of q and k, but like the hashes they carry no gradient: the gradient is that
-    of the estimate for the drawn plan. GPTConfig keeps "sorted-strata" (its T=64 runs were
-    measured with it). None of this finds a missed heavy key (planted-key input: HEAVY_NOTE),
-    which needs a better hash (several rounds).
+    (it falls about as 1/sqrt(m)). Strata of the hash order spread the samples over the buckets
+    (0.314 -> 0.294 at m 128 against uniform draws). Importance draws (the long config's choice)
+    send them where the past queries score high and take the keys that would be drawn twice for
+    sure: at m 160, 0.232 / 0.217 (kernel-hashing / dense checkpoint) against 0.277 / 0.274 with
+    uniform draws (m 160 does not divide the rectangles' sides, so strata fall back to those), and
+    at m 128 0.276 / 0.253 against strata's 0.313 / 0.305 (positions >= 256); one block's fwd+bwd
+    at 32k is 0.30x dense's (results/bench-long-kh-importance). In a scratch comparison (T=4096,
+    m 160) the moment proxy beat the exact mean of exp over the past queries and its own mean
+    term, a = 1/2 beat 0.2 and 0.8, and capped systematic draws beat uncapped per-unit draws
+    (0.232 / 0.217 against 0.237 / 0.247); the a/s floor bounds every weight by 2s/m. The draws
+    depend on q and k but, like the hashes, carry no gradient: the gradient is that of the
+    estimate for the drawn plan. GPTConfig keeps "sorted-strata" (the T=64 runs were measured with
+    it). None of this finds a missed heavy key (planted-key input: 0.566 against 0.568 with
+    uniform draws), which needs a better hash (several rounds).
 
     Randomness: planes and samples are hashes of (seed, level, rectangle, batch row, head, key),
     the seed being (per-layer seed buffer, step buffer, DDP rank) in training -- the step counter
