@@ -164,6 +164,8 @@ def _kh_plan(rq, rk, level, pairs, qpos, seed, block, samples, sampling="sorted-
         bhp = (torch.arange(B, device=dev).view(B, 1, 1, 1), torch.arange(H, device=dev).view(1, H, 1, 1),
                pairs.view(1, 1, P, 1))
         log_w = None
+        if sampling == "importance" and key_log_proxy is None:
+            raise ValueError("sampling='importance' needs key_log_proxy (_kh_key_log_proxy of the rectangles)")
         if sampling == "importance" and m < SK:  # (m = SK: every key once, weight 1, below: exact)
             p = torch.softmax(key_log_proxy.reshape(G, SK).double(), -1) * (1 - KH_DEFENSIVE) + KH_DEFENSIVE / SK
             pi = _kh_inclusion(p, m)
