@@ -637,8 +637,9 @@ class KernelHashingAttention(DenseAttention):
     (it falls about as 1/sqrt(m)). Strata of the hash order spread the samples over the buckets
     (0.314 -> 0.294 at m 128 against uniform draws). Importance draws (the long config's choice)
     send them where the past queries score high and take the keys that would be drawn twice for
-    sure: at m 160, 0.232 / 0.217 (kernel-hashing / dense checkpoint) against 0.277 / 0.274 with
-    uniform draws (m 160 does not divide the rectangles' sides, so strata fall back to those), and
+    sure: at m 160, 0.232 / 0.217 (kernel-hashing checkpoint trained with strata / dense checkpoint)
+    against 0.277 / 0.274 with uniform draws (m 160 does not divide the rectangles' sides, so strata
+    fall back to those), 0.217 on the kernel-hashing checkpoint retrained at these knobs, and
     at m 128 0.276 / 0.253 against strata's 0.313 / 0.305 (positions >= 256); one block's fwd+bwd
     at 32k is 0.30x dense's (results/bench-long-kh-importance). In a scratch comparison (T=4096,
     m 160) the moment proxy beat the exact mean of exp over the past queries and its own mean
