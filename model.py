@@ -619,8 +619,10 @@ class KernelHashingAttention(DenseAttention):
                      kh_sampling="importance": p_j = (1 - a) softmax_j(u_j) + a / s, a = 1/2, with
                        u_j = log E[exp(q.k_j / sqrt d)] for q ~ N(mu, Sigma), the mean and covariance of
                        the rectangle's first-half queries (all past: causal), = mu.k_j/sqrt d +
-                       k_j^T Sigma k_j / 2d; the sorted order laid out on [0, m), key j taking m p_j, one
-                       point drawn in each unit: key j is drawn m p_j times in expectation, w_j = 1/(m p_j);
+                       k_j^T Sigma k_j / 2d; inclusion probabilities pi_j = min(1, c p_j) summing to m;
+                       the sorted order laid out on [0, m), key j taking pi_j, and the points u, u+1, ...,
+                       u+m-1 (one uniform offset u) pick the keys: key j is drawn with probability pi_j,
+                       never twice, w_j = 1/pi_j;
                      "sorted-strata": one key in each of m equal strata of the sorted order, w = s/m;
                      "uniform": m uniform draws without replacement, w = s/m;
                    N = sum_{j in B_i} e_ij v_j + sum_{draws j in S \\ B_i} w_j e_ij v_j,  e_ij = exp(q_i.k_j/sqrt d)

@@ -127,8 +127,8 @@ def _kh_plan(rq, rk, level, pairs, qpos, seed, block, samples, sampling="sorted-
     blocks of `block`. A query goes to the key block at its own place in that order: after the
     keys of lower rank, and among keys of its own rank at the fraction of the half it sits at.
     That place depends on the query itself and past keys only, which keeps the block causal.
-    Samples: `samples` keys per rectangle, each key included with probability m/SK, weight SK/m.
-    sampling='sorted-strata' (default): the hash-sorted key order is cut into m equal strata and one
+    Samples: `samples` keys per rectangle; with 'sorted-strata' and 'uniform' each key is included with
+    probability m/SK, weight SK/m. sampling='sorted-strata' (default): the hash-sorted key order is cut into m equal strata and one
     key is drawn from each (needs m | SK; otherwise, and with sampling='uniform', m keys are drawn
     uniformly without replacement). Strata of the sorted order spread the samples over the buckets,
     so a cluster of similar keys outside the query's block is sampled in proportion to its size
@@ -215,7 +215,9 @@ def kernel_hashing_log_weights(q, k, min_seq_len, bucket_block, samples, hash_bi
             k0, q0 = pair * 2 * s, pair * 2 * s + s
             nq = min(s, T - q0)
             rq, rk = _kh_level_ranks(q[:, :, q0:q0 + nq], k[:, :, k0:k0 + s], level, seed, hash_bits)
-            proxy = _kh_key_log_proxy(q[:, :, k0:k0 + s], k[:, :, k0:k0 + s], d ** -0.5)[:, :, None]
+            proxy = None
+            if sampling == "importance":
+                proxy = _kh_key_log_proxy(q[:, :, k0:k0 + s], k[:, :, k0:k0 + s], d ** -0.5)[:, :, None]
             plan = _kh_plan(rq[:, :, None], rk[:, :, None], level, torch.tensor([pair], device=dev),
                             torch.arange(nq, device=dev), seed, bucket_block, samples, sampling, proxy)
             W[:, :, q0:q0 + nq, k0:k0 + s] = _kh_plan_log_weights(plan, q.dtype).view(B, H, nq, s)
