@@ -31,12 +31,19 @@ KNOWN_SPILLS = {
     "kernels.adaptive_sparse.bwd_kv_b16_d64_fp32 sm_80": 412, "kernels.adaptive_sparse.bwd_kv_b16_d64_fp32 sm_90": 448,
     "kernels.kernel_hashing.fwd_hashed_fp32_d64 sm_90": 164, "kernels.kernel_hashing.bwd_hashed_fp32_d64 sm_90": 144,
     "kernels.kernel_hashing.bwd_diagonal_fp32_d64 sm_80": 48,
-    # VQ's window kernels at d_k 64 with d_v 768 (with TF32 dots as well), the cache gradient at d_v >= 384
-    "kernels.vq.vq_bwd_q_L32_S512_dk64_dv768 sm_80": 1520, "kernels.vq.vq_bwd_q_L32_S512_dk64_dv768 sm_90": 1512,
-    "kernels.vq.vq_bwd_kv_L32_S512_dk64_dv768 sm_80": 424, "kernels.vq.vq_bwd_kv_L32_S512_dk64_dv768 sm_90": 604,
-    "kernels.vq.vq_bwd_cache_L32_S128_dk128_dv384 sm_80": 8, "kernels.vq.vq_bwd_cache_L32_S512_dk64_dv768 sm_90": 24,
-    "kernels.vq.vq_bwd_cache_L32_S512_dk96_dv768 sm_90": 8, "kernels.vq.vq_bwd_cache_L32_S512_dk128_dv768 sm_90": 32,
-    "kernels.vq.vq_bwd_cache_L32_S1024_dk128_dv768 sm_90": 32,
+    # VQ: the window kernels at d_k 64 with d_v 768 (with TF32 dots as well); a few words to a few dozen
+    # bytes elsewhere (the older blocks' loop of the chunked cache, the cache gradient at d_v >= 384)
+    "kernels.vq.vq_bwd_q_L16_S24_dk40_dv40 sm_80": 48, "kernels.vq.vq_bwd_q_L12_S150_dk72_dv72 sm_80": 8,
+    "kernels.vq.vq_bwd_q_L12_S150_dk72_dv72 sm_90": 24, "kernels.vq.vq_bwd_cache_L12_S150_dk72_dv72 sm_80": 28,
+    "kernels.vq.vq_bwd_q_L12_S200_dk40_dv100 sm_80": 48, "kernels.vq.vq_bwd_q_L12_S200_dk40_dv100 sm_90": 8,
+    "kernels.vq.vq_fwd_L32_S128_dk128_dv384 sm_90": 4, "kernels.vq.vq_bwd_cache_L32_S128_dk128_dv384 sm_80": 48,
+    "kernels.vq.vq_bwd_cache_L32_S128_dk128_dv384 sm_90": 16, "kernels.vq.vq_bwd_q_L32_S512_dk64_dv768 sm_80": 1428,
+    "kernels.vq.vq_bwd_q_L32_S512_dk64_dv768 sm_90": 1328, "kernels.vq.vq_bwd_kv_L32_S512_dk64_dv768 sm_80": 628,
+    "kernels.vq.vq_bwd_kv_L32_S512_dk64_dv768 sm_90": 536, "kernels.vq.vq_lse_L32_S512_dk96_dv768 sm_90": 4,
+    "kernels.vq.vq_bwd_q_L32_S512_dk96_dv768 sm_80": 4, "kernels.vq.vq_bwd_q_L32_S512_dk96_dv768 sm_90": 8,
+    "kernels.vq.vq_bwd_cache_L32_S512_dk96_dv768 sm_80": 4, "kernels.vq.vq_fwd_L32_S512_dk128_dv768 sm_90": 4,
+    "kernels.vq.vq_bwd_cache_L32_S512_dk128_dv768 sm_80": 32, "kernels.vq.vq_fwd_L32_S1024_dk128_dv768 sm_90": 4,
+    "kernels.vq.vq_bwd_cache_L32_S1024_dk128_dv768 sm_80": 32,
 }
 
 

@@ -17,24 +17,31 @@ cache); only blocks older than that go through a cache kept per chunk. Time O(T 
 memory O(T d + (T/C) S d_v): fewer, larger matrix products and a cache G times smaller than block
 by block, which is what makes it fast on a CPU.
 
-Triton kernels. They compute the block-wise attention of one quantized-key head, given the compressive
-cache already built (per-code counts and value sums by cumulative sums over blocks, in PyTorch):
+Triton kernels. They compute the chunked form above with chunks of G blocks (G = 1: the
+block-wise form), given the per-chunk compressive cache already built (per-code counts and value
+sums by cumulative sums over chunks, in PyTorch, vq_compressive_cache(z, v, S, L, G)):
 
-    for a query i of block r (rows r*L .. r*L+L-1 of a sequence padded to R*L):
+    for a query i of block r in chunk c = r // G (rows r*L .. r*L+L-1 of a sequence padded to R*L):
       window logits  q_i . k_j + bias[i, i-j]     keys j of block r (j <= i) and of block r-1,
                                                   bias only for distances i-j <= L
-      cache logits   q_i . c_s + log N[r, s]      one per code s, -inf when N[r, s] = 0
-      o_i = one softmax over both, applied to [v_j ; U[r, s] / N[r, s]]
-    so the weight of the value sum U[r, s] is exp(q_i . c_s - lse_i): the count cancels.
+      older logits   q_i . k^_j                   keys of blocks cG-1 .. r-2 (none when G = 1),
+                                                  the logits their codes have in the cache
+      cache logits   q_i . c_s + log N[c, s]      one per code s, -inf when N[c, s] = 0
+      o_i = one softmax over all three, applied to [v_j ; v_j ; U[c, s] / N[c, s]]
+    so the weight of the value sum U[c, s] is exp(q_i . c_s - lse_i): the count cancels. The cache
+    takes (R/G) S DV floats instead of R S DV (chunk_blocks_cuda picks G L ~ S: about T DV).
 
 Inputs are float32, contiguous, laid out (B*H, R*L, .) for q, k, v, bias (L+1 columns) and o;
-codebook (H, S, DK); counts N (B*H, R, S); value sums U (B*H, R, S, DV).
+codebook (H, S, DK); counts N (B*H, R/G, S); value sums U (B*H, R/G, S, DV).
 
-    _vq_fwd_kernel        per (query block, batch*head): o and the row logsumexp
-    _vq_bwd_q_kernel      per (query block, batch*head): window part of dq, and dbias
-    _vq_bwd_cache_kernel  per (query block, batch*head): dU, and adds the cache part of dq
-    _vq_bwd_kv_kernel     per (key block, batch*head): dk, dv (window part), from the queries
-                          of its own block and of the next one
+    _vq_lse_kernel        per (query block, batch*head): the row logsumexp (one online pass)
+    _vq_fwd_kernel        per (query block, batch*head): o, given the logsumexp
+    _vq_bwd_q_kernel      per (query block, batch*head): window and older part of dq, and dbias
+    _vq_bwd_cache_kernel  per (query block, batch*head): adds the cache part of dq
+    _vq_bwd_sums_kernel   per (chunk, batch*head): dU, the chunk's query blocks added in turn
+    _vq_bwd_kv_kernel     per (key block, batch*head): dk, dv (window part) from the queries
+                          of its own block and of the next one; dv from the later queries of
+                          the chunk that read it as an older key (no dk: the cache's codeword)
 The gradient of U reaches v in PyTorch. No two programs write the same element: no atomics.
 """
 import torch
@@ -61,13 +68,15 @@ def straight_through(k, codewords):
     return _StraightThrough.apply(k, codewords)
 
 
-def vq_compressive_cache(z, v, S, L):
-    """Per-block cache of the keys in blocks <= r-2, by cumulative sums over blocks: counts
-    N (B, H, R, S) per code and value sums U (B, H, R, S, d_v) (differentiable in v).
-    z (B, H, R*L) codes, v (B, H, R*L, d_v) values."""
+def vq_compressive_cache(z, v, S, L, G=1):
+    """Cache per chunk of G blocks (G = 1: per block) of the keys in blocks <= cG-2 for chunk c,
+    by cumulative sums over chunks: counts N (B, H, R/G, S) per code and value sums
+    U (B, H, R/G, S, d_v) (differentiable in v). z (B, H, R*L) codes, v (B, H, R*L, d_v) values."""
     Tp = z.shape[2]
-    # key t enters at block t//L + 2, so that the inclusive sum at block r covers blocks 0..r-2
-    return _cache(z, v, torch.arange(Tp, device=z.device) // L + 2, Tp // L, S)
+    # key t (block t//L) enters at chunk ceil((t//L + 2) / G), so that the inclusive sum at
+    # chunk c covers blocks 0..cG-2 (G = 1: block r's cache covers blocks 0..r-2)
+    first = (torch.arange(Tp, device=z.device) // L + 1 + G) // G
+    return _cache(z, v, first, Tp // (G * L), S)
 
 
 def vq_block_attention_torch(q, k, v, bias, codebook, counts, sums, L):
@@ -433,31 +442,43 @@ def chunk_blocks_by_cost(L, S, dk, dv, T=None):
     return min(range(1, max(1, top) + 1), key=cost)
 
 
-def vq_attention(q, k_hat, z, v, codebook, L, bias=None, chunk_blocks=None, carry=None):
+def chunk_blocks_cuda(L, S):
+    """Blocks per chunk of the Triton path: chunks of about S positions (G = S // L, at least 1), so
+    the per-chunk cache holds (T/(G L)) S d_v ~ T d_v floats, as many as v itself, where a cache
+    per block would hold S/L times that (51 GB per layer for the paper's unit at 128k, B 8); the
+    older pairs of a chunk add at most S keys per query, as many as the codebook. A memory choice,
+    not timed: no GPU has run it."""
+    return max(1, S // L)
+
+
+def vq_attention(q, k_hat, z, v, codebook, L, bias=None, chunk_blocks=None, carry=None, backend=None):
     """Transformer-VQ attention of (B, H, T, .) queries, quantized keys k_hat with codes z,
     and values; codebook (H, S, d_k); optional window bias (B, H, T, L+1) for distances 0..L.
-    Runs the Triton kernels on CUDA (block-wise), the chunked PyTorch path otherwise, with
-    chunks of chunk_blocks blocks (default: chunk_blocks_by_cost). T is padded to a whole number of chunks; padding sits after every real
-    query, so it is never attended to. carry (the streaming forward, no autograd, chunked path
-    only): what the positions before these contribute, as vq_chunk_attention_torch takes it."""
+    Runs the Triton kernels on CUDA, the chunked PyTorch path otherwise, both with a cache per
+    chunk of chunk_blocks blocks (default: chunk_blocks_cuda on CUDA, chunk_blocks_by_cost
+    elsewhere). T is padded to a whole number of chunks; padding sits after every real query,
+    so it is never attended to. carry (the streaming forward, no autograd, chunked path
+    only): what the positions before these contribute, as vq_chunk_attention_torch takes it.
+    backend: "triton" or "torch" to choose the path (tests: the interpreter runs Triton on a CPU)."""
     T = q.shape[2]
     if torch.is_autocast_enabled(q.device.type):  # computed in float32, as the Triton kernels do
         with torch.autocast(q.device.type, enabled=False):
             f32 = (t if t is None else t.float() for t in (q, k_hat, v, codebook, bias))
             q32, k32, v32, c32, b32 = f32
-            return vq_attention(q32, k32, z, v32, c32, L, b32, chunk_blocks, carry)
-    cuda = q.is_cuda and HAS_TRITON and carry is None
-    G = 1 if cuda else chunk_blocks or chunk_blocks_by_cost(L, codebook.shape[1], q.shape[-1], v.shape[-1], T)
+            return vq_attention(q32, k32, z, v32, c32, L, b32, chunk_blocks, carry, backend)
+    cuda = q.is_cuda and HAS_TRITON and carry is None if backend is None else backend == "triton"
+    S = codebook.shape[1]
+    G = chunk_blocks or (chunk_blocks_cuda(L, S) if cuda else chunk_blocks_by_cost(L, S, q.shape[-1], v.shape[-1], T))
     pad = -T % (G * L)
     if pad:
         q, k_hat, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k_hat, v))
         z = F.pad(z, (0, pad))
         bias = None if bias is None else F.pad(bias, (0, 0, 0, pad))
     if cuda:
-        counts, sums = vq_compressive_cache(z, v, codebook.shape[1], L)
+        counts, sums = vq_compressive_cache(z, v, S, L, G)
         if bias is None:
             bias = q.new_zeros(*q.shape[:3], L + 1)
-        o = vq_block_attention(q, k_hat, v, bias, codebook, counts, sums, L)
+        o = vq_block_attention(q, k_hat, v, bias, codebook, counts, sums, L, G)
     else:
         o = vq_chunk_attention_torch(q, k_hat, z, v, bias, codebook, L, G, carry)
     return o[:, :, :T]
@@ -570,8 +591,9 @@ def _load_rows(X, bh, rb, T, L: tl.constexpr, BL: tl.constexpr):
 @triton.jit
 def _window_logits(Q, K, BIAS, bh, rq, rk, T,
                    L: tl.constexpr, DK: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr):
-    """Logits of the L queries of block rq against the L keys of block rk (rk = rq or rq - 1),
-    position bias included, masked entries at -inf; a negative block index means no block."""
+    """Logits of the L queries of block rq against the L keys of block rk <= rq, position bias
+    included (distances <= L only: none for rk <= rq - 2), masked entries at -inf; a negative
+    block index means no block."""
     i = tl.arange(0, BL)
     j = tl.arange(0, BL)
     q_rows = rq * L + i
@@ -590,41 +612,55 @@ def _window_logits(Q, K, BIAS, bh, rq, rk, T,
 
 
 @triton.jit
-def _window_probs(Q, K, BIAS, LSE, bh, rq, rk, T,
-                  L: tl.constexpr, DK: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr):
-    """Softmax probabilities of the _window_logits, recomputed from the saved row logsumexp."""
+def _probs(Q, K, BIAS, lse, bh, rq, rk, T,
+           L: tl.constexpr, DK: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr):
+    """Softmax probabilities of the _window_logits, given the row logsumexp lse [BL]."""
     s, ok = _window_logits(Q, K, BIAS, bh, rq, rk, T, L, DK, BL, BK)
-    lse = _load_rows(LSE, bh, rq, T, L, BL)
     return tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
 
 
 @triton.jit
-def _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R,
+def _window_probs(Q, K, BIAS, LSE, bh, rq, rk, T,
+                  L: tl.constexpr, DK: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr):
+    """Softmax probabilities of the _window_logits, recomputed from the saved row logsumexp."""
+    return _probs(Q, K, BIAS, _load_rows(LSE, bh, rq, T, L, BL), bh, rq, rk, T, L, DK, BL, BK)
+
+
+@triton.jit
+def _cache_logits(Q, CB, CNT, bh, h, r, c, s0, T, NC,
                   L: tl.constexpr, S: tl.constexpr, DK: tl.constexpr,
                   BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr):
-    """For the queries of block r and codes s0..s0+BS-1: q . c_s (-inf for codes absent from
-    the cache) and log N_s (0 there), so a softmax logit is their sum."""
+    """For the queries of block r (in chunk c) and codes s0..s0+BS-1: q . c_s (-inf for codes
+    absent from chunk c's cache) and log N_s (0 there), so a softmax logit is their sum."""
     i = tl.arange(0, BL)
     s = s0 + tl.arange(0, BS)
     acc = tl.zeros([BL, BS], dtype=tl.float32)
     for k0 in range(0, DK, BK):
         q = _load_block(Q, bh, r, k0, T, L, DK, BL, BK)
-        c = _load_codes(CB + h * S * DK, s0, k0, S, DK, BS, BK)
-        acc += tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
-    n = tl.load(CNT + (bh * R + r) * S + s, mask=s < S, other=0.0)
+        cb = _load_codes(CB + h * S * DK, s0, k0, S, DK, BS, BK)
+        acc += tl.dot(q, tl.trans(cb), input_precision=DOT_PRECISION)
+    n = tl.load(CNT + (bh * NC + c) * S + s, mask=s < S, other=0.0)
     valid = (i[:, None] < L) & (n[None, :] > 0)
     logn = tl.log(tl.where(n > 0, n, 1.0))
     return tl.where(valid, acc, float("-inf")), logn, valid
 
 
 @triton.jit
-def _vq_fwd_kernel(Q, K, V, BIAS, CB, CNT, U, O, LSE, T, R, H,
-                   L: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                   BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """o and the row logsumexp; codes are taken BS at a time, so the codebook's size sets the
-    loop count, not the tile: a first pass over the code chunks finds each row's max and sum
-    (online softmax), a second adds the cache's share into o, written by this program only."""
+def _older_blocks(r, G):
+    """The blocks a query block r reads key by key without a position bias (the older pairs of
+    its chunk, see the module docstring): cG-1 .. r-2 for r in chunk c = r // G; none when G = 1."""
+    return tl.maximum((r // G) * G - 1, 0), r - 1
+
+
+@triton.jit
+def _vq_lse_kernel(Q, K, BIAS, CB, CNT, LSE, T, R, NC, G, H,
+                   L: tl.constexpr, S: tl.constexpr, DK: tl.constexpr,
+                   BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr):
+    """The row logsumexp over the window, the older blocks and the cache, in one pass (online
+    softmax); codes are taken BS at a time, so the codebook's size sets the loop count, not the tile."""
     r, bh, h = _program(H)
+    c = r // G
+    lo, hi = _older_blocks(r, G)
     i = tl.arange(0, BL)
     row_ok = i < L
     s_cur, ok_cur = _window_logits(Q, K, BIAS, bh, r, r, T, L, DK, BL, BK)
@@ -634,38 +670,61 @@ def _vq_fwd_kernel(Q, K, V, BIAS, CB, CNT, U, O, LSE, T, R, H,
     m = tl.where(row_ok, m, 0.0)
     l = (tl.sum(tl.where(ok_cur, tl.exp(s_cur - m[:, None]), 0.0), 1)
          + tl.sum(tl.where(ok_prev, tl.exp(s_prev - m[:, None]), 0.0), 1))
-    for s0 in range(0, S, BS):  # pass 1: running max and sum over the cache logits q . c_s + log N_s
-        qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R, L, S, DK, BL, BS, BK)
+    for rb in range(lo, hi):  # the older blocks' logits q . k^_j ...
+        x, ok = _window_logits(Q, K, BIAS, bh, r, rb, T, L, DK, BL, BK)
+        m_new = tl.maximum(m, tl.max(x, 1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.where(ok, tl.exp(x - m_new[:, None]), 0.0), 1)
+        m = m_new
+    for s0 in range(0, S, BS):  # ... and the cache logits q . c_s + log N_s
+        qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, c, s0, T, NC, L, S, DK, BL, BS, BK)
         x = tl.where(ok_c, qc + logn[None, :], float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.where(ok_c, tl.exp(x - m_new[:, None]), 0.0), 1)
         m = m_new
     l = tl.where(l > 0, l, 1.0)
-    lse = m + tl.log(l)
-    tl.store(LSE + bh * T + r * L + i, lse, mask=row_ok)
-    p_cur = tl.where(ok_cur, tl.exp(s_cur - lse[:, None]), 0.0)
-    p_prev = tl.where(ok_prev, tl.exp(s_prev - lse[:, None]), 0.0)
+    tl.store(LSE + bh * T + r * L + i, m + tl.log(l), mask=row_ok)
+
+
+@triton.jit
+def _vq_fwd_kernel(Q, K, V, BIAS, CB, CNT, U, LSE, O, T, R, NC, G, H,
+                   L: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """o, given the row logsumexp (_vq_lse_kernel): the window's share, then the older blocks'
+    and the cache's added in, written by this program only."""
+    r, bh, h = _program(H)
+    c = r // G
+    lo, hi = _older_blocks(r, G)
+    lse = _load_rows(LSE, bh, r, T, L, BL)
+    p_cur = _probs(Q, K, BIAS, lse, bh, r, r, T, L, DK, BL, BK)
+    p_prev = _probs(Q, K, BIAS, lse, bh, r, r - 1, T, L, DK, BL, BK)
     for v0 in range(0, DV, BV):  # the window's share of o
         v_cur = _load_block(V, bh, r, v0, T, L, DV, BL, BV)
         v_prev = _load_block(V, bh, r - 1, v0, T, L, DV, BL, BV)
         o = (tl.dot(p_cur, v_cur, input_precision=DOT_PRECISION)
              + tl.dot(p_prev, v_prev, input_precision=DOT_PRECISION))
         _store_block(O, o, bh, r, v0, T, L, DV, BL, BV)
-    for s0 in range(0, S, BS):  # pass 2: add the cache's share, U weighted by exp(q . c_s - lse)
-        qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R, L, S, DK, BL, BS, BK)
+    for rb in range(lo, hi):  # the older blocks' share ...
+        p = _probs(Q, K, BIAS, lse, bh, r, rb, T, L, DK, BL, BK)
+        for v0 in range(0, DV, BV):
+            o_ptrs, o_ok = _block_tile(O, bh, r, v0, T, L, DV, BL, BV)
+            o = tl.load(o_ptrs, mask=o_ok, other=0.0) + tl.dot(
+                p, _load_block(V, bh, rb, v0, T, L, DV, BL, BV), input_precision=DOT_PRECISION)
+            tl.store(o_ptrs, o, mask=o_ok)
+    for s0 in range(0, S, BS):  # ... and the cache's, U weighted by exp(q . c_s - lse)
+        qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, c, s0, T, NC, L, S, DK, BL, BS, BK)
         w_c = tl.where(ok_c, tl.exp(qc - lse[:, None]), 0.0)  # softmax weight / count
         for v0 in range(0, DV, BV):
-            u = _load_codes(U + (bh * R + r) * S * DV, s0, v0, S, DV, BS, BV)
+            u = _load_codes(U + (bh * NC + c) * S * DV, s0, v0, S, DV, BS, BV)
             o_ptrs, o_ok = _block_tile(O, bh, r, v0, T, L, DV, BL, BV)
             o = tl.load(o_ptrs, mask=o_ok, other=0.0) + tl.dot(w_c, u, input_precision=DOT_PRECISION)
             tl.store(o_ptrs, o, mask=o_ok)
 
 
 @triton.jit
-def _vq_bwd_q_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DQ, DBIAS, T, R, H,
+def _vq_bwd_q_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DQ, DBIAS, T, R, G, H,
                      L: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                      BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Window part of dq, and dbias; _vq_bwd_cache_kernel adds the cache part of dq."""
+    """Window and older-block part of dq, and dbias; _vq_bwd_cache_kernel adds the cache part of dq."""
     r, bh, _ = _program(H)
     p_cur = _window_probs(Q, K, BIAS, LSE, bh, r, r, T, L, DK, BL, BK)
     p_prev = _window_probs(Q, K, BIAS, LSE, bh, r, r - 1, T, L, DK, BL, BK)
@@ -693,38 +752,70 @@ def _vq_bwd_q_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DQ, DBIAS, T, R, H,
         dq = (tl.dot(ds_cur, k_cur, input_precision=DOT_PRECISION)
               + tl.dot(ds_prev, k_prev, input_precision=DOT_PRECISION))
         _store_block(DQ, dq, bh, r, k0, T, L, DK, BL, BK)
-
-
-@triton.jit
-def _vq_bwd_cache_kernel(Q, CB, CNT, U, DO, DELTA, LSE, DQ, DU, T, R, H,
-                         L: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                         BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """dU, and the cache part of dq added to DQ (run after _vq_bwd_q_kernel); codes are
-    taken BS at a time, so a large codebook does not need a large tile."""
-    r, bh, h = _program(H)
-    lse = _load_rows(LSE, bh, r, T, L, BL)
-    delta = _load_rows(DELTA, bh, r, T, L, BL)
-    for s0 in range(0, S, BS):
-        qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, s0, T, R, L, S, DK, BL, BS, BK)
-        w_c = tl.where(ok_c, tl.exp(qc - lse[:, None]), 0.0)  # weight of U
-        dw = tl.zeros([BL, BS], dtype=tl.float32)
+    lo, hi = _older_blocks(r, G)
+    for rb in range(lo, hi):  # older blocks of the chunk: no bias, logits q . k^_j
+        p = _window_probs(Q, K, BIAS, LSE, bh, r, rb, T, L, DK, BL, BK)
+        dp = tl.zeros([BL, BL], dtype=tl.float32)
         for v0 in range(0, DV, BV):
-            do = _load_block(DO, bh, r, v0, T, L, DV, BL, BV)
-            u = _load_codes(U + (bh * R + r) * S * DV, s0, v0, S, DV, BS, BV)
-            dw += tl.dot(do, tl.trans(u), input_precision=DOT_PRECISION)
-            du_ptrs, du_ok = _code_tile(DU + (bh * R + r) * S * DV, s0, v0, S, DV, BS, BV)
-            tl.store(du_ptrs, tl.dot(tl.trans(w_c), do, input_precision=DOT_PRECISION), mask=du_ok)
-        # logit gradient a (dO . U/N - delta) with softmax weight a = w N
-        ds_c = w_c * (dw - tl.exp(logn)[None, :] * delta[:, None])
+            dp += tl.dot(_load_block(DO, bh, r, v0, T, L, DV, BL, BV),
+                         tl.trans(_load_block(V, bh, rb, v0, T, L, DV, BL, BV)), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
         for k0 in range(0, DK, BK):
-            c = _load_codes(CB + h * S * DK, s0, k0, S, DK, BS, BK)
             dq_ptrs, dq_ok = _block_tile(DQ, bh, r, k0, T, L, DK, BL, BK)
-            dq = tl.load(dq_ptrs, mask=dq_ok, other=0.0) + tl.dot(ds_c, c, input_precision=DOT_PRECISION)
+            dq = tl.load(dq_ptrs, mask=dq_ok, other=0.0) + tl.dot(
+                ds, _load_block(K, bh, rb, k0, T, L, DK, BL, BK), input_precision=DOT_PRECISION)
             tl.store(dq_ptrs, dq, mask=dq_ok)
 
 
 @triton.jit
-def _vq_bwd_kv_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DK_OUT, DV_OUT, T, R, H,
+def _vq_bwd_cache_kernel(Q, CB, CNT, U, DO, DELTA, LSE, DQ, T, R, NC, G, H,
+                         L: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                         BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The cache part of dq, added to DQ (run after _vq_bwd_q_kernel); codes are taken BS at a
+    time, so a large codebook needs no large tile."""
+    r, bh, h = _program(H)
+    c = r // G
+    lse = _load_rows(LSE, bh, r, T, L, BL)
+    delta = _load_rows(DELTA, bh, r, T, L, BL)
+    for s0 in range(0, S, BS):
+        qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, c, s0, T, NC, L, S, DK, BL, BS, BK)
+        w_c = tl.where(ok_c, tl.exp(qc - lse[:, None]), 0.0)  # weight of U
+        dw = tl.zeros([BL, BS], dtype=tl.float32)
+        for v0 in range(0, DV, BV):
+            do = _load_block(DO, bh, r, v0, T, L, DV, BL, BV)
+            u = _load_codes(U + (bh * NC + c) * S * DV, s0, v0, S, DV, BS, BV)
+            dw += tl.dot(do, tl.trans(u), input_precision=DOT_PRECISION)
+        # logit gradient a (dO . U/N - delta) with softmax weight a = w N
+        ds_c = w_c * (dw - tl.exp(logn)[None, :] * delta[:, None])
+        for k0 in range(0, DK, BK):
+            cb = _load_codes(CB + h * S * DK, s0, k0, S, DK, BS, BK)
+            dq_ptrs, dq_ok = _block_tile(DQ, bh, r, k0, T, L, DK, BL, BK)
+            dq = tl.load(dq_ptrs, mask=dq_ok, other=0.0) + tl.dot(ds_c, cb, input_precision=DOT_PRECISION)
+            tl.store(dq_ptrs, dq, mask=dq_ok)
+
+
+@triton.jit
+def _vq_bwd_sums_kernel(Q, CB, CNT, DO, LSE, DU, T, R, NC, G, H,
+                        L: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                        BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Per chunk: dU = sum over the chunk's query blocks of w^T dO, w = exp(q . c_s - lse) the
+    weight of U; the blocks add into DU in turn (zero on entry), so no two programs write one
+    element."""
+    c, bh, h = _program(H)
+    for r in range(c * G, tl.minimum(c * G + G, R)):
+        lse = _load_rows(LSE, bh, r, T, L, BL)
+        for s0 in range(0, S, BS):
+            qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, c, s0, T, NC, L, S, DK, BL, BS, BK)
+            w_c = tl.where(ok_c, tl.exp(qc - lse[:, None]), 0.0)
+            for v0 in range(0, DV, BV):
+                du_ptrs, du_ok = _code_tile(DU + (bh * NC + c) * S * DV, s0, v0, S, DV, BS, BV)
+                du = tl.load(du_ptrs, mask=du_ok, other=0.0) + tl.dot(
+                    tl.trans(w_c), _load_block(DO, bh, r, v0, T, L, DV, BL, BV), input_precision=DOT_PRECISION)
+                tl.store(du_ptrs, du, mask=du_ok)
+
+
+@triton.jit
+def _vq_bwd_kv_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DK_OUT, DV_OUT, T, R, G, H,
                       L: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       BL: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     r, bh, _ = _program(H)  # r: key block
@@ -753,6 +844,15 @@ def _vq_bwd_kv_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DK_OUT, DV_OUT, T, R, H,
         dk = (tl.dot(tl.trans(ds_cur), q_cur, input_precision=DOT_PRECISION)
               + tl.dot(tl.trans(ds_nxt), q_nxt, input_precision=DOT_PRECISION))
         _store_block(DK_OUT, dk, bh, r, k0, T, L, DK, BL, BK)
+    # the query blocks that read block r as an older block of their chunk, r+2 .. the end of the
+    # chunk holding block r+1: their weights reach v only (k^ stands for the cache's codeword)
+    for rq in range(r + 2, tl.minimum(((r + 1) // G + 1) * G, R)):
+        p = _window_probs(Q, K, BIAS, LSE, bh, rq, r, T, L, DK, BL, BK)
+        for v0 in range(0, DV, BV):
+            dv_ptrs, dv_ok = _block_tile(DV_OUT, bh, r, v0, T, L, DV, BL, BV)
+            dv = tl.load(dv_ptrs, mask=dv_ok, other=0.0) + tl.dot(
+                tl.trans(p), _load_block(DO, bh, rq, v0, T, L, DV, BL, BV), input_precision=DOT_PRECISION)
+            tl.store(dv_ptrs, dv, mask=dv_ok)
 
 
 NUM_WARPS = 8
@@ -770,51 +870,67 @@ def _chunked(meta):  # the forward and cache-gradient kernels: 64 codes and 32 k
     return dict(meta, BS=min(64, meta["BS"]), BK=min(32, meta["BK"]))
 
 
+def _sums_meta(meta):  # _vq_bwd_sums_kernel: 32 codes at a time (64 spilled 88-160 bytes on sm_80)
+    return dict(_chunked(meta), BS=min(32, meta["BS"]))
+
+
+def _lse_meta(meta):  # _vq_lse_kernel reads no values
+    return {k: v for k, v in meta.items() if k not in ("DV", "BV")}
+
+
 def _tiles(L, S, DK, DV):
     return dict(BL=_pow2(L), BS=_pow2(S), BK=min(64, _pow2(DK)), BV=min(32, _pow2(DV)))
 
 
 class VQBlockAttention(torch.autograd.Function):
-    """Block-wise VQ attention (see the module docstring). Arguments, padded to R*L positions:
-    q, k (B, H, R*L, DK), v (B, H, R*L, DV), bias (B, H, R*L, L+1), codebook (H, S, DK),
-    counts N (B, H, R, S), value sums U (B, H, R, S, DV); then L. Computed in float32.
-    Differentiable in q, k, v, bias and U (the codebook and counts are constants)."""
+    """Block-wise VQ attention (see the module docstring) with a cache per chunk of G blocks.
+    Arguments, padded to R*L positions, R a multiple of G: q, k (B, H, R*L, DK) (k the quantized
+    keys), v (B, H, R*L, DV), bias (B, H, R*L, L+1), codebook (H, S, DK), counts N (B, H, R/G, S)
+    and value sums U (B, H, R/G, S, DV) from vq_compressive_cache(z, v, S, L, G); then L, G.
+    Computed in float32. Differentiable in q, k, v, bias and U (the codebook and counts are
+    constants; the older pairs of a chunk give no gradient to k, as the cache's codewords would)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, codebook, counts, sums, L):
+    def forward(ctx, q, k, v, bias, codebook, counts, sums, L, G):
         q, k, v, bias, codebook, counts, sums = (
             t.float().contiguous() for t in (q, k, v, bias, codebook, counts, sums))
         B, H, T, DK = q.shape
-        DV, S, R = v.shape[-1], codebook.shape[1], T // L
+        DV, S, R, NC = v.shape[-1], codebook.shape[1], T // L, counts.shape[2]
+        if R != NC * G:
+            raise ValueError(f"VQBlockAttention: {R} blocks do not make {NC} chunks of {G}")
         o = torch.empty(B, H, T, DV, device=q.device, dtype=torch.float32)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
         meta = dict(L=L, S=S, DK=DK, DV=DV, **_tiles(L, S, DK, DV))
-        _vq_fwd_kernel[(R, B * H)](q, k, v, bias, codebook, counts, sums, o, lse, T, R, H, **_chunked(meta),
+        _vq_lse_kernel[(R, B * H)](q, k, bias, codebook, counts, lse, T, R, NC, G, H, **_lse_meta(_chunked(meta)),
+                                   num_warps=_fwd_warps(meta))
+        _vq_fwd_kernel[(R, B * H)](q, k, v, bias, codebook, counts, sums, lse, o, T, R, NC, G, H, **_chunked(meta),
                                    num_warps=_fwd_warps(meta))
         ctx.save_for_backward(q, k, v, bias, codebook, counts, sums, o, lse)
-        ctx.meta = meta
+        ctx.meta, ctx.G = meta, G
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, bias, codebook, counts, sums, o, lse = ctx.saved_tensors
-        meta = ctx.meta
+        meta, G = ctx.meta, ctx.G
         do = do.float().contiguous()
         B, H, T, _ = q.shape
-        R = T // meta["L"]
+        R, NC = T // meta["L"], counts.shape[2]
         delta = (do * o).sum(-1).contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dbias, dsums = torch.empty_like(bias), torch.empty_like(sums)
+        dbias, dsums = torch.empty_like(bias), torch.zeros_like(sums)  # the chunk's blocks add into dsums
         grid = (R, B * H)
-        _vq_bwd_q_kernel[grid](q, k, v, bias, do, delta, lse, dq, dbias, T, R, H, **meta, num_warps=NUM_WARPS)
-        _vq_bwd_cache_kernel[grid](q, codebook, counts, sums, do, delta, lse, dq, dsums, T, R, H,
+        _vq_bwd_q_kernel[grid](q, k, v, bias, do, delta, lse, dq, dbias, T, R, G, H, **meta, num_warps=NUM_WARPS)
+        _vq_bwd_cache_kernel[grid](q, codebook, counts, sums, do, delta, lse, dq, T, R, NC, G, H,
                                    **_chunked(meta), num_warps=NUM_WARPS)
-        _vq_bwd_kv_kernel[grid](q, k, v, bias, do, delta, lse, dk, dv, T, R, H, **meta, num_warps=NUM_WARPS)
-        return dq, dk, dv, dbias, None, None, dsums, None
+        _vq_bwd_sums_kernel[(NC, B * H)](q, codebook, counts, do, lse, dsums, T, R, NC, G, H,
+                                         **_sums_meta(meta), num_warps=NUM_WARPS)
+        _vq_bwd_kv_kernel[grid](q, k, v, bias, do, delta, lse, dk, dv, T, R, G, H, **meta, num_warps=NUM_WARPS)
+        return dq, dk, dv, dbias, None, None, dsums, None, None
 
 
-def vq_block_attention(q, k, v, bias, codebook, counts, sums, L):
-    return VQBlockAttention.apply(q, k, v, bias, codebook, counts, sums, L)
+def vq_block_attention(q, k, v, bias, codebook, counts, sums, L, G=1):
+    return VQBlockAttention.apply(q, k, v, bias, codebook, counts, sums, L, G)
 
 
 # Every kernel, for tests/test_kernels_compile.py and `python -m kernels.gpu_compile`, at
@@ -828,22 +944,26 @@ COMPILE_SHAPES = ((16, 24, 40, 40), (12, 150, 72, 72), (12, 200, 40, 100), (32, 
 
 def _compile_cases():
     f32, i32 = "*fp32", "i32"
-    kernels = [("fwd", _vq_fwd_kernel, ("Q", "K", "V", "BIAS", "CB", "CNT", "U", "O", "LSE")),
+    kernels = [("lse", _vq_lse_kernel, ("Q", "K", "BIAS", "CB", "CNT", "LSE")),
+               ("fwd", _vq_fwd_kernel, ("Q", "K", "V", "BIAS", "CB", "CNT", "U", "LSE", "O")),
                ("bwd_q", _vq_bwd_q_kernel, ("Q", "K", "V", "BIAS", "DO", "DELTA", "LSE", "DQ", "DBIAS")),
-               ("bwd_cache", _vq_bwd_cache_kernel, ("Q", "CB", "CNT", "U", "DO", "DELTA", "LSE", "DQ", "DU")),
+               ("bwd_cache", _vq_bwd_cache_kernel, ("Q", "CB", "CNT", "U", "DO", "DELTA", "LSE", "DQ")),
+               ("bwd_sums", _vq_bwd_sums_kernel, ("Q", "CB", "CNT", "DO", "LSE", "DU")),
                ("bwd_kv", _vq_bwd_kv_kernel, ("Q", "K", "V", "BIAS", "DO", "DELTA", "LSE", "DK_OUT", "DV_OUT"))]
     cases, window_done = [], set()
     for L, S, DK, DV in COMPILE_SHAPES:
         meta = dict(L=L, S=S, DK=DK, DV=DV, **_tiles(L, S, DK, DV))
         for name, fn, ptrs in kernels:
-            uses_codes = fn in (_vq_fwd_kernel, _vq_bwd_cache_kernel)
+            uses_codes = fn in (_vq_lse_kernel, _vq_fwd_kernel, _vq_bwd_cache_kernel, _vq_bwd_sums_kernel)
             if not uses_codes:
                 if (fn, L, DK, DV) in window_done:
                     continue
                 window_done.add((fn, L, DK, DV))
-            sig = {**{n: f32 for n in ptrs}, "T": i32, "R": i32, "H": i32, **{n: "constexpr" for n in meta}}
+            ints = ("T", "R", "NC", "G", "H") if uses_codes else ("T", "R", "G", "H")
             m = _chunked(meta) if uses_codes else meta
-            warps = _fwd_warps(meta) if fn is _vq_fwd_kernel else NUM_WARPS
+            m = _lse_meta(m) if fn is _vq_lse_kernel else _sums_meta(meta) if fn is _vq_bwd_sums_kernel else m
+            sig = {**{n: f32 for n in ptrs}, **{n: i32 for n in ints}, **{n: "constexpr" for n in m}}
+            warps = _fwd_warps(meta) if fn in (_vq_lse_kernel, _vq_fwd_kernel) else NUM_WARPS
             cases.append((f"vq_{name}_L{L}_S{S}_dk{DK}_dv{DV}", fn, sig, m, warps))
     return cases
 

@@ -77,6 +77,42 @@ def test_vq(B, H, T, L, S, dk, dv, dtype):
     assert_within(vq_errors(B, H, T, L, S, dk, dv, dtype), TOL[dtype])
 
 
+def vq_chunk_errors(B, H, T, L, S, G, dk, dv, dtype, seed=0):
+    """kernels/vq.py with a cache per chunk of G blocks (outputs; gradients of q, k, v through the
+    cache sums, bias) against the block-wise model.vq_block_attention_torch in float64."""
+    from kernels.vq import vq_block_attention
+    g = torch.Generator().manual_seed(seed)
+    T += -T % (G * L)
+    codebook = randn(H, S, dk, g=g, dtype=dtype)
+    z = torch.randint(0, S, (B, H, T), generator=g).to(DEVICE)
+    k_hat = codebook[torch.arange(H, device=DEVICE)[None, :, None], z]
+    q, v = randn(B, H, T, dk, g=g, dtype=dtype), randn(B, H, T, dv, g=g, dtype=dtype)
+    bias = randn(B, H, T, L + 1, g=g, dtype=dtype)
+    do = randn(B, H, T, dv, g=g, dtype=dtype)
+
+    def chunked(q, k, v, b):
+        counts, sums = VQ.vq_compressive_cache(z, v.float(), S, L, G)
+        return vq_block_attention(q, k, v, b, codebook, counts, sums.to(dtype), L, G)
+
+    def block_wise(q, k, v, b):
+        counts, sums = VQ.vq_compressive_cache(z, v, S, L)
+        return VQ.vq_block_attention_torch(q, k, v, b, codebook.double(), counts, sums, L)
+
+    leaves = (q, k_hat, v, bias)
+    got = _grads(chunked, leaves, do)
+    want = _grads(block_wise, [t.double() for t in leaves], do.double())
+    return errors(got, want, ("o", "dq", "dk", "dv", "dbias"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,T,L,S,G,dk,dv", [(1, 2, 70, 8, 24, 3, 40, 24),  # 3 chunks of 3 blocks, T padded
+                                              (2, 1, 50, 12, 70, 2, 24, 40),  # codebook of 70: two code chunks
+                                              (1, 1, 33, 5, 20, 7, 16, 16)])  # one chunk: no cache at all
+def test_vq_chunked_cache(B, H, T, L, S, G, dk, dv, dtype):
+    """The Triton path's cache per chunk of G blocks computes the block-wise attention."""
+    assert_within(vq_chunk_errors(B, H, T, L, S, G, dk, dv, dtype), TOL[dtype])
+
+
 # ------------------------------------------------------------------------------ adaptive-sparse
 def random_lists(B, H, nq, n_sel, g):
     """Per query block: up to n_sel random earlier blocks, the previous and its own block, empty

@@ -667,11 +667,65 @@ def test_triton_kernels_match_pytorch(B, H, T, L, S, dk, dv):
         assert rel_err(g, gr) <= 1e-3, name
 
 
+@pytest.mark.parametrize("G", [None, 1, 3])  # None: chunk_blocks_cuda (S // L = 3 here)
+def test_triton_path_equals_dense_attention(G):
+    """vq_attention's Triton path (the kernels on CUDA; the interpreter here), padding to whole chunks
+    and its cache per chunk included, against the dense reference: outputs and gradients."""
+    pytest.importorskip("triton")
+    q, k_hat, z, v, codebook = (t.to(DEVICE) for t in quantized_inputs(1, 2, 45, 24, 16, 8, dtype=torch.float32,
+                                                                         seed=3))
+    bias = torch.randn(1, 2, 45, 9).to(DEVICE)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k_hat, v, bias)]
+    out = vq_attention(*leaves[:2], z, leaves[2], codebook, 8, leaves[3], chunk_blocks=G, backend="triton")
+    ref_leaves = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
+    ref = dense_reference(*ref_leaves[:3], 8, ref_leaves[3])
+    assert torch.isfinite(out).all() and rel_err(out.double().cpu(), ref) <= 1e-3
+    do = torch.randn_like(ref)
+    for name, g, gr in zip("qkvb", torch.autograd.grad(out, leaves, do.to(out)), torch.autograd.grad(ref, ref_leaves, do)):
+        assert torch.isfinite(g).all() and rel_err(g.double().cpu(), gr) <= 1e-3, name
+
+
+def test_triton_path_saves_a_cache_per_chunk(monkeypatch):
+    """What autograd keeps for the Triton path: the value sums per chunk of chunk_blocks_cuda blocks,
+    (T / (G L)) S d_v floats, not per block (G times more). Kernel launches are stood in for (only
+    the saved tensors' sizes are read), so this runs at T = 8192 on a CPU."""
+    pytest.importorskip("triton")
+    import kernels.vq as kv
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: None
+    for name in ("_vq_lse_kernel", "_vq_fwd_kernel"):
+        monkeypatch.setattr(kv, name, NoLaunch())
+    B, H, T, L, S, dk, dv = 1, 2, 8192, 64, 256, 32, 64  # the long config's unit, S doubled (G = 4)
+    q, k_hat, z, v, codebook = quantized_inputs(B, H, T, S, dk, dv, dtype=torch.float32)
+    saved = {}
+
+    def run(G):
+        seen = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+        leaves = [t.clone().requires_grad_(True) for t in (q, k_hat, v)]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            vq_attention(*leaves[:2], z, leaves[2], codebook, L, chunk_blocks=G, backend="triton")
+        return sum(seen.values())
+    G = kv.chunk_blocks_cuda(L, S)
+    assert G == 4
+    saved = {g: run(g) for g in (1, G)}
+    cache = {g: B * H * (T // (g * L)) * S * (dv + 1) * 4 for g in (1, G)}  # value sums and counts
+    # the difference is the per-block cache less the per-chunk one, and the per-chunk sums are T d_v floats
+    assert saved[1] - saved[G] == cache[1] - cache[G]
+    assert cache[G] == v.numel() * 4 * (dv + 1) // dv
+
+
 def test_kernels_declare_compile_cases():
     pytest.importorskip("triton")
     import kernels.vq as kv
     declared = {case[1] for case in kv.COMPILE_CASES}
-    assert declared == {kv._vq_fwd_kernel, kv._vq_bwd_q_kernel, kv._vq_bwd_cache_kernel, kv._vq_bwd_kv_kernel}
+    assert declared == {kv._vq_lse_kernel, kv._vq_fwd_kernel, kv._vq_bwd_q_kernel, kv._vq_bwd_cache_kernel,
+                        kv._vq_bwd_sums_kernel, kv._vq_bwd_kv_kernel}
 
 
 # ---------------------------------------------------------------- distributed codebook statistics
