@@ -74,7 +74,7 @@ class GPTConfig:
     # adaptive-sparse (learned block scoring)
     as_block: int = 16
     as_threshold: float = 0.9
-    as_k_min: int = 1
+    as_k_min: int = 1  # values >= 2 do not train at the CPU recipe (README, "Known problems")
     as_k_max: int = 8
     as_score_dim: int = 32
     as_dense_equivalent: bool = False
@@ -234,10 +234,10 @@ ATTENTION["dense"] = DenseAttention
 # The GPT therefore has no absolute position table.
 #
 # Cost per layer, T tokens, d = d_k + d_v: time O(T (L + S) d), memory O(T d), no T x T tensor
-# in forward or backward. kernels/vq.py computes it block by block in Triton on CUDA (a query
-# scores 2L window keys and S codes; a cache per block, memory O(T d + (T/L) S d_v)) and chunk by
-# chunk in PyTorch elsewhere (chunks of G blocks, G chosen by a cost model: 1 at the paper's knobs
-# and the long config's; a cache per chunk).
+# in forward or backward. kernels/vq.py computes it chunk by chunk, chunks of G blocks with a cache
+# per chunk (a query scores the block before its chunk and its chunk key by key, and S codes):
+# in Triton on CUDA with G = S / L (memory O(T d + (T/(G L)) S d_v) = O(T d)), in PyTorch
+# elsewhere with G chosen by a cost model (1 at the paper's knobs and the long config's).
 # Without autograd in eval mode (evaluation, and decode's prefill) the CPU path streams: one piece
 # (stream_len positions, whole chunks) at a time is projected, quantized and attended, carrying the
 # block before it and the cache (N and value sums per code), so its memory beyond x and y is

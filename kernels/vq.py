@@ -1,7 +1,7 @@
 """Transformer-VQ's attention (`--attention=vq`, VQGatedUnit in model.py): how it is computed.
 
     reference (PyTorch)  vq_compressive_cache + vq_block_attention_torch: block by block, a cache per
-                         block (what the Triton kernels compute); straight_through, the quantizer's STE
+                         block (what every path computes); straight_through, the quantizer's STE
     CPU-fast path        vq_chunk_attention_torch: chunk by chunk (G blocks), a cache per chunk; rms_norm
     entry point          vq_attention: the Triton kernels on CUDA, the chunked path elsewhere
     streaming (no grad)  vq_attention with a carry + vq_cache_fold: one piece at a time through the
@@ -9,7 +9,8 @@
                          sums): memory independent of T (eval, prefill)
     dense-GAU ablation   gau_dense_attention: exact causal attention over unquantized keys with the
                          same position terms (vq_quantize=False), a plain masked softmax, O(T^2)
-    Triton kernels       vq_block_attention (VQBlockAttention): forward and backward, below
+    Triton kernels       vq_block_attention (VQBlockAttention): forward and backward, below; chunk by
+                         chunk too, G = chunk_blocks_cuda (a cache per chunk)
 
 The chunked path, C = G L positions per chunk: its queries score key by key the block before the
 chunk and the chunk itself (q . k^_j = q . c_z_j gives an old key the logit its code has in the
