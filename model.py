@@ -303,7 +303,7 @@ class VQGatedUnit(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.quantized = config.vq_quantize
         self.stream_len = 2048  # positions per piece of the streaming forward (rounded to whole chunks)
-        self.chunk_blocks = None  # blocks per chunk of the CPU path; None: kernels.vq.chunk_blocks_by_cost
+        self.chunk_blocks = None  # blocks per chunk; None: kernels.vq.chunk_blocks_by_cost (CPU), chunk_blocks_cuda (CUDA)
         self.aux_loss = None
         self.step_pending = False
         if not self.quantized:  # the dense-GAU ablation keeps no codebook

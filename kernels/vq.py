@@ -10,7 +10,7 @@
     dense-GAU ablation   gau_dense_attention: exact causal attention over unquantized keys with the
                          same position terms (vq_quantize=False), a plain masked softmax, O(T^2)
     Triton kernels       vq_block_attention (VQBlockAttention): forward and backward, below; chunk by
-                         chunk too, G = chunk_blocks_cuda (a cache per chunk)
+                         chunk too (a cache per chunk; G by default chunk_blocks_cuda)
 
 The chunked path, C = G L positions per chunk: its queries score key by key the block before the
 chunk and the chunk itself (q . k^_j = q . c_z_j gives an old key the logit its code has in the
@@ -41,8 +41,9 @@ codebook (H, S, DK); counts N (B*H, R/G, S); value sums U (B*H, R/G, S, DV).
     _vq_bwd_cache_kernel  per (query block, batch*head): adds the cache part of dq
     _vq_bwd_sums_kernel   per (chunk, batch*head): dU, the chunk's query blocks added in turn
     _vq_bwd_kv_kernel     per (key block, batch*head): dk, dv (window part) from the queries
-                          of its own block and of the next one; dv from the later queries of
-                          the chunk that read it as an older key (no dk: the cache's codeword)
+                          of its own block and of the next one; dv from the later query blocks
+                          that read it as an older key, up to the end of the chunk holding the
+                          next block (no dk: the cache's codeword)
 The gradient of U reaches v in PyTorch. No two programs write the same element: no atomics.
 """
 import torch
@@ -443,13 +444,15 @@ def chunk_blocks_by_cost(L, S, dk, dv, T=None):
     return min(range(1, max(1, top) + 1), key=cost)
 
 
-def chunk_blocks_cuda(L, S):
+def chunk_blocks_cuda(L, S, T=None):
     """Blocks per chunk of the Triton path: chunks of about S positions (G = S // L, at least 1), so
     the per-chunk cache holds (T/(G L)) S d_v ~ T d_v floats, as many as v itself, where a cache
     per block would hold S/L times that (51 GB per layer for the paper's unit at 128k, B 8); the
-    older pairs of a chunk add at most S keys per query, as many as the codebook. A memory choice,
-    not timed: no GPU has run it."""
-    return max(1, S // L)
+    older pairs of a chunk add at most S keys per query, as many as the codebook. Never more blocks
+    than T has (one chunk already means no cache), so a short T is padded to whole blocks only.
+    A memory choice, not timed: no GPU has run it."""
+    G = max(1, S // L)
+    return G if T is None else max(1, min(G, -(-T // L)))
 
 
 def vq_attention(q, k_hat, z, v, codebook, L, bias=None, chunk_blocks=None, carry=None, backend=None):
@@ -468,8 +471,10 @@ def vq_attention(q, k_hat, z, v, codebook, L, bias=None, chunk_blocks=None, carr
             q32, k32, v32, c32, b32 = f32
             return vq_attention(q32, k32, z, v32, c32, L, b32, chunk_blocks, carry, backend)
     cuda = q.is_cuda and HAS_TRITON and carry is None if backend is None else backend == "triton"
+    if cuda and carry is not None:
+        raise ValueError("vq_attention: the streaming carry runs on the chunked PyTorch path only")
     S = codebook.shape[1]
-    G = chunk_blocks or (chunk_blocks_cuda(L, S) if cuda else chunk_blocks_by_cost(L, S, q.shape[-1], v.shape[-1], T))
+    G = chunk_blocks or (chunk_blocks_cuda(L, S, T) if cuda else chunk_blocks_by_cost(L, S, q.shape[-1], v.shape[-1], T))
     pad = -T % (G * L)
     if pad:
         q, k_hat, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k_hat, v))
@@ -856,6 +861,9 @@ def _vq_bwd_kv_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DK_OUT, DV_OUT, T, R, G, H,
             tl.store(dv_ptrs, dv, mask=dv_ok)
 
 
+# A program stores a tile and later reloads it (O, DQ, DU, DV_OUT) through the same pointer construction, so
+# each element is stored and loaded by the same thread: no barrier needed while a tile (at least 16 x 16) has
+# no fewer elements than the program has threads (8 warps: 256).
 NUM_WARPS = 8
 
 

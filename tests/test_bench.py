@@ -190,7 +190,7 @@ def test_bad_flag_from_the_shell_has_no_traceback():
 
 def causal_pairs_attended(m, T):
     """Fraction of the causal (query, key) pairs the selected-block branch attended, counted on a
-    T x T mask built from the module's last selection (tiny T only)."""
+    T x T mask built from the module's last selection, the forced first block included (tiny T only)."""
     sel, Bk = m.last_selected, m.block
     B, H, nb, _ = sel.shape
     blk = torch.arange(T) // Bk
@@ -199,7 +199,7 @@ def causal_pairs_attended(m, T):
         for h in range(H):
             allowed = torch.zeros(nb, nb, dtype=torch.bool)
             for i in range(nb):
-                for j in [s for s in sel[b, h, i].tolist() if s >= 0] + [i - 1, i]:
+                for j in [s for s in sel[b, h, i].tolist() if s >= 0] + [i - 1, i] + ([0] if m.force_first else []):
                     if j >= 0:
                         allowed[i, j] = True
             mask = allowed[blk][:, blk] & torch.ones(T, T, dtype=torch.bool).tril()

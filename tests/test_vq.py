@@ -720,6 +720,22 @@ def test_triton_path_saves_a_cache_per_chunk(monkeypatch):
     assert cache[G] == v.numel() * 4 * (dv + 1) // dv
 
 
+def test_triton_path_chunk_length_and_refusals():
+    """chunk_blocks_cuda: S // L blocks, never more than T has; the Triton path refuses a streaming carry,
+    and the kernels refuse a cache whose chunks do not tile the blocks."""
+    pytest.importorskip("triton")
+    import kernels.vq as kv
+    assert kv.chunk_blocks_cuda(32, 512) == 16 and kv.chunk_blocks_cuda(64, 32) == 1
+    assert kv.chunk_blocks_cuda(32, 512, T=100) == 4 and kv.chunk_blocks_cuda(32, 512, T=1) == 1
+    q, k_hat, z, v, codebook = quantized_inputs(1, 1, 16, 6, 4, 4, dtype=torch.float32)
+    carry = (torch.zeros(1, 1, 6), torch.zeros(1, 1, 6, 4), k_hat[:, :, :4], v[:, :, :4], z[:, :, :4])
+    with pytest.raises(ValueError, match="carry"):
+        vq_attention(q, k_hat, z, v, codebook, 4, carry=carry, backend="triton")
+    counts, sums = vq_compressive_cache(z, v, 6, 4, 2)  # 4 blocks in 2 chunks, launched as chunks of 3
+    with pytest.raises(ValueError, match="chunks"):
+        kv.vq_block_attention(q, k_hat, v, torch.zeros(1, 1, 16, 5), codebook, counts, sums, 4, 3)
+
+
 def test_kernels_declare_compile_cases():
     pytest.importorskip("triton")
     import kernels.vq as kv
