@@ -570,6 +570,14 @@ def _store_block(X, x, bh, rb, c0, T, L: tl.constexpr, D: tl.constexpr, BL: tl.c
 
 
 @triton.jit
+def _add_block(X, x, bh, rb, c0, T, L: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
+    """Add x into the _block_tile tile of X (read and written through one pointer construction, so
+    each element by the same thread)."""
+    ptrs, ok = _block_tile(X, bh, rb, c0, T, L, D, BL, BC)
+    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + x, mask=ok)
+
+
+@triton.jit
 def _code_tile(X, s0, c0, S: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr):
     """Pointers into the (S, D) matrix at X (one head's codebook, one block's value sums), and
     mask, of the [BS, BC] tile of codes s0 .. s0+BS-1 and columns c0 .. c0+BC-1."""
@@ -652,6 +660,13 @@ def _cache_logits(Q, CB, CNT, bh, h, r, c, s0, T, NC,
 
 
 @triton.jit
+def _online_softmax(m, l, x, ok):
+    """One step of the running row max m and sum l (of exp(x - m)) over the logits x, valid where ok."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    return m_new, l * tl.exp(m - m_new) + tl.sum(tl.where(ok, tl.exp(x - m_new[:, None]), 0.0), 1)
+
+
+@triton.jit
 def _older_blocks(r, G):
     """The blocks a query block r reads key by key without a position bias (the older pairs of
     its chunk, see the module docstring): cG-1 .. r-2 for r in chunk c = r // G; none when G = 1."""
@@ -678,15 +693,10 @@ def _vq_lse_kernel(Q, K, BIAS, CB, CNT, LSE, T, R, NC, G, H,
          + tl.sum(tl.where(ok_prev, tl.exp(s_prev - m[:, None]), 0.0), 1))
     for rb in range(lo, hi):  # the older blocks' logits q . k^_j ...
         x, ok = _window_logits(Q, K, BIAS, bh, r, rb, T, L, DK, BL, BK)
-        m_new = tl.maximum(m, tl.max(x, 1))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.where(ok, tl.exp(x - m_new[:, None]), 0.0), 1)
-        m = m_new
+        m, l = _online_softmax(m, l, x, ok)
     for s0 in range(0, S, BS):  # ... and the cache logits q . c_s + log N_s
         qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, c, s0, T, NC, L, S, DK, BL, BS, BK)
-        x = tl.where(ok_c, qc + logn[None, :], float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, 1))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.where(ok_c, tl.exp(x - m_new[:, None]), 0.0), 1)
-        m = m_new
+        m, l = _online_softmax(m, l, tl.where(ok_c, qc + logn[None, :], float("-inf")), ok_c)
     l = tl.where(l > 0, l, 1.0)
     tl.store(LSE + bh * T + r * L + i, m + tl.log(l), mask=row_ok)
 
@@ -712,18 +722,14 @@ def _vq_fwd_kernel(Q, K, V, BIAS, CB, CNT, U, LSE, O, T, R, NC, G, H,
     for rb in range(lo, hi):  # the older blocks' share ...
         p = _probs(Q, K, BIAS, lse, bh, r, rb, T, L, DK, BL, BK)
         for v0 in range(0, DV, BV):
-            o_ptrs, o_ok = _block_tile(O, bh, r, v0, T, L, DV, BL, BV)
-            o = tl.load(o_ptrs, mask=o_ok, other=0.0) + tl.dot(
-                p, _load_block(V, bh, rb, v0, T, L, DV, BL, BV), input_precision=DOT_PRECISION)
-            tl.store(o_ptrs, o, mask=o_ok)
+            _add_block(O, tl.dot(p, _load_block(V, bh, rb, v0, T, L, DV, BL, BV), input_precision=DOT_PRECISION),
+                       bh, r, v0, T, L, DV, BL, BV)
     for s0 in range(0, S, BS):  # ... and the cache's, U weighted by exp(q . c_s - lse)
         qc, logn, ok_c = _cache_logits(Q, CB, CNT, bh, h, r, c, s0, T, NC, L, S, DK, BL, BS, BK)
         w_c = tl.where(ok_c, tl.exp(qc - lse[:, None]), 0.0)  # softmax weight / count
         for v0 in range(0, DV, BV):
             u = _load_codes(U + (bh * NC + c) * S * DV, s0, v0, S, DV, BS, BV)
-            o_ptrs, o_ok = _block_tile(O, bh, r, v0, T, L, DV, BL, BV)
-            o = tl.load(o_ptrs, mask=o_ok, other=0.0) + tl.dot(w_c, u, input_precision=DOT_PRECISION)
-            tl.store(o_ptrs, o, mask=o_ok)
+            _add_block(O, tl.dot(w_c, u, input_precision=DOT_PRECISION), bh, r, v0, T, L, DV, BL, BV)
 
 
 @triton.jit
@@ -767,10 +773,8 @@ def _vq_bwd_q_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DQ, DBIAS, T, R, G, H,
                          tl.trans(_load_block(V, bh, rb, v0, T, L, DV, BL, BV)), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         for k0 in range(0, DK, BK):
-            dq_ptrs, dq_ok = _block_tile(DQ, bh, r, k0, T, L, DK, BL, BK)
-            dq = tl.load(dq_ptrs, mask=dq_ok, other=0.0) + tl.dot(
-                ds, _load_block(K, bh, rb, k0, T, L, DK, BL, BK), input_precision=DOT_PRECISION)
-            tl.store(dq_ptrs, dq, mask=dq_ok)
+            _add_block(DQ, tl.dot(ds, _load_block(K, bh, rb, k0, T, L, DK, BL, BK), input_precision=DOT_PRECISION),
+                       bh, r, k0, T, L, DK, BL, BK)
 
 
 @triton.jit
@@ -795,9 +799,7 @@ def _vq_bwd_cache_kernel(Q, CB, CNT, U, DO, DELTA, LSE, DQ, T, R, NC, G, H,
         ds_c = w_c * (dw - tl.exp(logn)[None, :] * delta[:, None])
         for k0 in range(0, DK, BK):
             cb = _load_codes(CB + h * S * DK, s0, k0, S, DK, BS, BK)
-            dq_ptrs, dq_ok = _block_tile(DQ, bh, r, k0, T, L, DK, BL, BK)
-            dq = tl.load(dq_ptrs, mask=dq_ok, other=0.0) + tl.dot(ds_c, cb, input_precision=DOT_PRECISION)
-            tl.store(dq_ptrs, dq, mask=dq_ok)
+            _add_block(DQ, tl.dot(ds_c, cb, input_precision=DOT_PRECISION), bh, r, k0, T, L, DK, BL, BK)
 
 
 @triton.jit
@@ -855,10 +857,8 @@ def _vq_bwd_kv_kernel(Q, K, V, BIAS, DO, DELTA, LSE, DK_OUT, DV_OUT, T, R, G, H,
     for rq in range(r + 2, tl.minimum(((r + 1) // G + 1) * G, R)):
         p = _window_probs(Q, K, BIAS, LSE, bh, rq, r, T, L, DK, BL, BK)
         for v0 in range(0, DV, BV):
-            dv_ptrs, dv_ok = _block_tile(DV_OUT, bh, r, v0, T, L, DV, BL, BV)
-            dv = tl.load(dv_ptrs, mask=dv_ok, other=0.0) + tl.dot(
-                tl.trans(p), _load_block(DO, bh, rq, v0, T, L, DV, BL, BV), input_precision=DOT_PRECISION)
-            tl.store(dv_ptrs, dv, mask=dv_ok)
+            _add_block(DV_OUT, tl.dot(tl.trans(p), _load_block(DO, bh, rq, v0, T, L, DV, BL, BV),
+                                      input_precision=DOT_PRECISION), bh, r, v0, T, L, DV, BL, BV)
 
 
 # A program stores a tile and later reloads it (O, DQ, DU, DV_OUT) through the same pointer construction, so

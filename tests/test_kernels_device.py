@@ -47,20 +47,25 @@ def _grads(fn, leaves, do):
 
 
 # ------------------------------------------------------------------------------------------ VQ
-def vq_errors(B, H, T, L, S, dk, dv, dtype, seed=0):
-    """kernels/vq.py (output and the gradients of q, k, v, bias, value sums) against
-    model.vq_block_attention_torch in float64."""
-    from kernels.vq import vq_block_attention
+def vq_inputs(B, H, T, L, S, dk, dv, dtype, seed, positions_per_chunk):
+    """Codebook, codes, quantized keys, q, v, bias and an output gradient, T padded to whole chunks."""
     g = torch.Generator().manual_seed(seed)
-    T += -T % L
+    T += -T % positions_per_chunk
     codebook = randn(H, S, dk, g=g, dtype=dtype)
     z = torch.randint(0, S, (B, H, T), generator=g).to(DEVICE)
     k_hat = codebook[torch.arange(H, device=DEVICE)[None, :, None], z]
     q, v = randn(B, H, T, dk, g=g, dtype=dtype), randn(B, H, T, dv, g=g, dtype=dtype)
     bias = randn(B, H, T, L + 1, g=g, dtype=dtype)
+    return codebook, z, k_hat, q, v, bias, randn(B, H, T, dv, g=g, dtype=dtype)
+
+
+def vq_errors(B, H, T, L, S, dk, dv, dtype, seed=0):
+    """kernels/vq.py (output and the gradients of q, k, v, bias, value sums) against
+    model.vq_block_attention_torch in float64."""
+    from kernels.vq import vq_block_attention
+    codebook, z, k_hat, q, v, bias, do = vq_inputs(B, H, T, L, S, dk, dv, dtype, seed, L)
     counts, sums = VQ.vq_compressive_cache(z, v.double(), S, L)
     sums = sums.to(dtype)
-    do = randn(B, H, T, dv, g=g, dtype=dtype)
     leaves = (q, k_hat, v, bias, sums)
     got = _grads(lambda q, k, v, b, u: vq_block_attention(q, k, v, b, codebook, counts, u, L), leaves, do)
     want = _grads(lambda q, k, v, b, u: VQ.vq_block_attention_torch(q, k, v, b, codebook.double(), counts.double(),
@@ -81,14 +86,7 @@ def vq_chunk_errors(B, H, T, L, S, G, dk, dv, dtype, seed=0):
     """kernels/vq.py with a cache per chunk of G blocks (outputs; gradients of q, k, v through the
     cache sums, bias) against the block-wise model.vq_block_attention_torch in float64."""
     from kernels.vq import vq_block_attention
-    g = torch.Generator().manual_seed(seed)
-    T += -T % (G * L)
-    codebook = randn(H, S, dk, g=g, dtype=dtype)
-    z = torch.randint(0, S, (B, H, T), generator=g).to(DEVICE)
-    k_hat = codebook[torch.arange(H, device=DEVICE)[None, :, None], z]
-    q, v = randn(B, H, T, dk, g=g, dtype=dtype), randn(B, H, T, dv, g=g, dtype=dtype)
-    bias = randn(B, H, T, L + 1, g=g, dtype=dtype)
-    do = randn(B, H, T, dv, g=g, dtype=dtype)
+    codebook, z, k_hat, q, v, bias, do = vq_inputs(B, H, T, L, S, dk, dv, dtype, seed, G * L)
 
     def chunked(q, k, v, b):
         counts, sums = VQ.vq_compressive_cache(z, v.float(), S, L, G)

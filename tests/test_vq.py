@@ -699,7 +699,6 @@ def test_triton_path_saves_a_cache_per_chunk(monkeypatch):
         monkeypatch.setattr(kv, name, NoLaunch())
     B, H, T, L, S, dk, dv = 1, 2, 8192, 64, 256, 32, 64  # the long config's unit, S doubled (G = 4)
     q, k_hat, z, v, codebook = quantized_inputs(B, H, T, S, dk, dv, dtype=torch.float32)
-    saved = {}
 
     def run(G):
         seen = {}
