@@ -74,7 +74,7 @@ class GPTConfig:
     # adaptive-sparse (learned block scoring)
     as_block: int = 16
     as_threshold: float = 0.9
-    as_k_min: int = 1  # values >= 2 do not train at the CPU recipe (README, "Known problems")
+    as_k_min: int = 1  # forced blocks beyond the top-p choice get no straight-through term (see the section)
     as_k_max: int = 8
     as_score_dim: int = 32
     as_dense_equivalent: bool = False
@@ -799,11 +799,14 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 # random orthonormal projection, so s_ij ~ qbar . kbar / sqrt(d) within as_score_dim directions.
 #
 # Gradient to the scorer (selection is discrete), two paths: (1) the correction branch, whose
-# weights are softmaxes of s; (2) straight-through: the kept blocks get the logit bias
-# b_ij = log pi_ij - sg(log pi_ij), exactly 0 in value (the forward pass is exact attention over
+# weights are softmaxes of s; (2) straight-through: the blocks the top-p rule chose get the logit
+# bias b_ij = log pi_ij - sg(log pi_ij), exactly 0 in value (the forward pass is exact attention over
 # K_i), while dL/d log pi_ij = the sum over the (block i, block j) tile of dL/dlogit: whether more
 # attention to block j would lower the loss; through the softmax normaliser the dropped
-# candidates get the opposite push. The gates learn by ordinary backprop.
+# candidates get the opposite push. Blocks kept only because of k_min get no bias: their score does
+# not decide whether they are kept, and with the bias a forced block that hurt had its log pi pushed
+# down without bound (d log pi / ds -> 1 as pi -> 0), so k_min >= 2 diverged
+# (results/as-kmin-probe). The gates learn by ordinary backprop.
 #
 # Budget regulariser (as_budget = lambda > 0, training only; DCP's sparsity term, here on the
 # top-p rule): the expected kept count of query block i,

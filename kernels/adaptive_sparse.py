@@ -117,10 +117,11 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
             rank = torch.arange(k, device=dev)
             valid = (rank < (i - 1 - first).clamp(min=0)) & (top <= i - 2) & (top >= first)  # a real candidate
             if scorer.threshold >= 1.0:
-                keep = valid.expand(B, H, nq, k)
+                keep = chosen = valid.expand(B, H, nq, k)
             else:
                 mass_before = top_p.cumsum(-1) - top_p  # mass of the better-ranked blocks
-                keep = valid & ((rank < scorer.k_min) | (mass_before < scorer.threshold))
+                chosen = valid & (mass_before < scorer.threshold)  # kept by the top-p rule itself
+                keep = chosen | (valid & (rank < scorer.k_min))  # ... or forced in by k_min
         sel = torch.where(keep, top, torch.full_like(top, -1))
         # straight-through bias: value 0, gradient of log pi at the kept blocks. log pi_ij =
         # s_ij - logsumexp_j s_ij, and the logsumexp's gradient is pi, so sq_i . (pi_i @ sk)
@@ -129,7 +130,7 @@ def score_and_select(q_prev, kbar, vbar, q_block0, scorer, correction=True):
             rows = (torch.arange(B * H, device=dev).view(B, H, 1, 1) * nk + top).reshape(-1)
             sk_top = sk.reshape(B * H * nk, -1).index_select(0, rows).view(B, H, nq, k, sk.shape[-1])
             log_pi = (sq.unsqueeze(-2) * sk_top).sum(-1) - (sq * (pi @ sk)).sum(-1, keepdim=True)
-            st = torch.where(keep, log_pi - log_pi.detach(), torch.zeros_like(log_pi))
+            st = torch.where(chosen, log_pi - log_pi.detach(), torch.zeros_like(log_pi))
         else:  # a constant 0: no gradient reaches q, k or the scorer through the pooled means
             st = torch.zeros(B, H, nq, k, dtype=dt, device=dev)
         kept = None
