@@ -6,6 +6,7 @@ forward-only times (and peak memory) against T.
     /work/venv-jax/bin/python bench_peer.py                       # check at 1024, time 2k, 8k, 32k
     /work/venv-jax/bin/python bench_peer.py --T=2048 --check_T=512 --mem=False
     python bench_peer.py --chunks=1,2,4 --T=8192    # ours alone against the chunk length (no JAX needed)
+    python bench_peer.py --stream_lens=512,1024,2048 --T=8192    # ours alone against the streaming piece length
 
 Needs JAX, Flax and chex next to this repository's torch, and a checkout of the official code; neither is
 a dependency of the repository. Without them the script prints how to set them up and exits 0 (skip).
@@ -30,7 +31,12 @@ error |ours - theirs| / |theirs| of y, of the loss, of dL/dx and of every parame
 codebook's (ours: buffers moved by EMA; theirs: parameters moved by a surrogate loss).
 Timing, per T: each case `warmup` untimed runs (JAX compiles in the first), then round-robin over the
 four cases (ours fwd+bwd, theirs fwd+bwd, ours fwd, theirs fwd), at most `repeats` timed runs each and no
-new round once max_case_seconds of timed runs are spent per case; median ms (wall clock). Forward is
+new round once max_case_seconds of timed runs are spent per case; median ms (wall clock). order=rotate
+starts round r at case r mod 4: in a fixed order "ours fwd" always ran right after the official training
+step, whose XLA worker threads still held the cores (ours fwd 193 ms there against 161 ms run alone, at
+8k). pause idles before each run. malloc=heap keeps freed memory in glibc's heap for the whole
+process (both codes): by default each buffer above 32 MiB is mapped afresh and faulted in page by
+page (our training step at 32k: 2.7 s, 1.7 s with the heap kept). Forward is
 ours under torch.no_grad() in eval mode and theirs with is_train=False, jit-compiled; fwd+bwd is ours in
 training mode (gathering codebook statistics) and theirs jax.value_and_grad over every parameter
 (including its codebook's surrogate loss) and x, jit-compiled. Peak memory (mem=True): a fresh child
@@ -67,6 +73,9 @@ pe_lam = 10000.0  # sinusoid base of the relative positions, both models (ours i
 repeats = 5  # at most this many timed runs per case
 warmup = 1  # untimed runs per case before timing (JAX compiles in the first)
 max_case_seconds = 60.0  # no new round once a case has spent this long in timed runs
+order = "balanced"  # 'balanced': rounds follow a Williams Latin square (each case runs after each other one equally often); 'fixed': the same order every round
+pause = 0.0  # seconds of idle before each timed run (lets the other runtime's worker threads go to sleep)
+malloc = "default"  # 'heap': glibc keeps freed memory in the heap (no mmap, no trim) for the whole process, both codes; 'default': glibc's own
 threads = 0  # torch intra-op threads; 0 keeps torch's default (XLA's come from XLA_FLAGS)
 mem = True  # peak memory per case in a child process (False: skip)
 remat = False  # wrap the official scan in nn.remat, as its TransformerLayer is in a full model
@@ -75,6 +84,7 @@ official = "/work/transformer_vq_src"  # checkout of transformer-vq/transformer_
 out = "results/peer-vq"
 stream_len = 0  # ours: positions per piece of the no-grad forward (0 keeps VQGatedUnit.stream_len)
 chunks = ""  # ours only, no official code needed: time at these blocks per chunk of the CPU path (e.g. 1,2,8), write chunks.md
+stream_lens = ""  # ours only, likewise: no-grad forward time at these piece lengths of the streaming forward, write stream-len.md
 mem_case = ""  # internal: 'ours|theirs,fwd|fwdbwd,T' runs one case and prints its peak memory
 
 AGREE = 1e-5  # relative error below which the two units agree (float32 rounding: about 1e-6 at T = 1024)
@@ -98,6 +108,8 @@ def parse_args(argv):
         Ts, checks = _ints(cfg["T"]), _ints(cfg["check_T"])
     except (configurator.ConfigError, ValueError) as e:
         configurator.fail(str(e))
+    if cfg["order"] not in ("balanced", "fixed") or cfg["malloc"] not in ("default", "heap") or cfg["pause"] < 0:
+        configurator.fail("order must be balanced or fixed, malloc default or heap, pause >= 0")
     if cfg["d_model"] % 2:
         configurator.fail("d_model must be even (sinusoidal position features)")
     bad = [t for t in Ts + checks if t <= 0 or t % cfg["L"]]
@@ -311,20 +323,49 @@ def make_cases(cfg, Tn):
             "ours fwd": ours["ours fwd"], "official fwd": lambda: jax.block_until_ready(fw(p, xj))}
 
 
+def round_order(names, r, order):
+    """The cases of round r: the same order every round ('fixed'), or the rows of a Williams Latin
+    square in turn ('balanced'): over len(names) rounds (twice that for an odd count) each case runs
+    right after each other case equally often, so no case always inherits one neighbour's aftermath."""
+    n = len(names)
+    if order == "fixed" or n < 2:
+        return list(names)
+    first = [0] + [(k + 1) // 2 if k % 2 else n - k // 2 for k in range(1, n)]  # 0, 1, n-1, 2, n-2, ...
+    rows = [[(f + i) % n for f in first] for i in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return [names[k] for k in rows[r % len(rows)]]
+
+
 def time_all(cfg, Tn):
     cases = make_cases(cfg, Tn)
     for fn in cases.values():
         for _ in range(cfg["warmup"]):
             fn()
     times = {c: [] for c in cases}
-    for _ in range(cfg["repeats"]):
-        for c, fn in cases.items():
+    for r in range(cfg["repeats"]):
+        for c in round_order(list(cases), r, cfg["order"]):
             if sum(times[c]) / 1e3 >= cfg["max_case_seconds"]:
                 continue
+            time.sleep(cfg["pause"])
             t0 = time.perf_counter()
-            fn()
+            cases[c]()
             times[c].append((time.perf_counter() - t0) * 1e3)
     return {c: (statistics.median(v), len(v)) for c, v in times.items()}
+
+
+def keep_heap():
+    """glibc: serve every allocation from the heap and never give freed memory back (M_MMAP_MAX 0,
+    M_TRIM_THRESHOLD 64 GiB), process-wide, so both codes reuse warm pages instead of faulting fresh
+    ones for each large buffer (glibc maps buffers above 32 MiB anew on every allocation). False where
+    it does not apply (no glibc)."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2 ** 31 - 1)))
 
 
 def _rss_kib(field):
@@ -407,7 +448,8 @@ def write_report(cfg, argv, checks, rows):
                       f"{f(r['mem_ours_fwd_mib'])} | {f(r['mem_official_fwd_mib'])} | "
                       f"{f(r['mem_ours_fwdbwd_mib'])} | {f(r['mem_official_fwdbwd_mib'])} |")
         md.append("")
-        md.append(f"Runs per case (at most {cfg['repeats']}, round-robin): "
+        md.append(f"Runs per case (at most {cfg['repeats']}, round-robin, order {cfg['order']}, pause {cfg['pause']:g} s, "
+                  f"malloc {cfg['malloc']}): "
                   + "; ".join(f"T={r['T']}: {r['runs']}" for r in rows) + ".")
     else:
         md.append("No timing in this run (T empty).")
@@ -428,36 +470,45 @@ def write_report(cfg, argv, checks, rows):
     return [os.path.join(cfg["out"], n) for n in ("peer.md", "peer.csv")]
 
 
-def time_chunks(cfg, Ts, argv):
-    """Ours alone at each chunk length (blocks per chunk, G) of the CPU path, fwd and fwd+bwd, round-robin
-    over G, medians; writes <out>/chunks.md (the measurement behind kernels/vq.py's CACHE_BUILD_COST)."""
+SWEEPS = {  # ours-only sweeps: option -> (unit attribute, table column, file, title, the cases timed)
+    "chunks": ("chunk_blocks", "G (blocks per chunk)", "chunks.md", "time against the chunk length of the CPU path",
+               ("ours fwd", "ours fwd+bwd")),
+    "stream_lens": ("stream_len", "piece length (positions)", "stream-len.md",
+                    "no-grad forward time against the streaming piece length", ("ours fwd",)),
+}
+
+
+def time_sweep(cfg, Ts, argv, option):
+    """Ours alone at each value of one knob (SWEEPS[option]: blocks per chunk of the CPU path, G, or the
+    streaming forward's piece length), round-robin over the values, medians; writes <out>/<file> (the
+    measurements behind kernels/vq.py's CACHE_BUILD_COST and model.py's STREAM_LOGITS)."""
     import bench
     from kernels.vq import chunk_blocks_by_cost
-    Gs = _ints(cfg["chunks"])
-    lines = ["# vq: time against the chunk length of the CPU path (ours only)", "",
+    attr, column, fname, title, modes = SWEEPS[option]
+    values = _ints(cfg[option])
+    lines = [f"# vq: {title} (ours only)", "",
              f"Command: `{sys.executable} bench_peer.py " + " ".join(shlex.quote(a) for a in argv) + "`", "",
              f"Unit: d_model {cfg['d_model']}, d_k {cfg['d_k']}, d_v {cfg['d_v']}, one head, L {cfg['L']}, "
              f"S {cfg['S']}, batch {cfg['batch']}, float32; chunk_blocks_by_cost picks "
              f"G = {chunk_blocks_by_cost(cfg['L'], cfg['S'], cfg['d_k'], cfg['d_v'])}.", "",
              "Machine: " + "; ".join(f"{k} {v}" for k, v in bench.machine_facts("cpu").items()), "",
-             "| T | G (blocks per chunk) | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
+             f"| T | {column} | " + " | ".join(m[5:] + " ms" for m in modes) + " |", "|---|---|" + "---|" * len(modes)]
     for Tn in Ts:
         unit, _, _, cases = ours_cases(cfg, Tn)
-        times = {(G, m): [] for G in Gs for m in ("ours fwd", "ours fwd+bwd")}
+        times = {(v, m): [] for v in values for m in modes}
         for rep in range(cfg["warmup"] + cfg["repeats"]):
-            for (G, m), v in times.items():
-                unit.chunk_blocks = G
+            for (v, m), ts in times.items():
+                setattr(unit, attr, v)
                 t0 = time.perf_counter()
                 cases[m]()
                 if rep >= cfg["warmup"]:
-                    v.append((time.perf_counter() - t0) * 1e3)
-        for G in Gs:
-            lines.append(f"| {Tn} | {G} | {statistics.median(times[(G, 'ours fwd')]):.0f} | "
-                         f"{statistics.median(times[(G, 'ours fwd+bwd')]):.0f} |")
+                    ts.append((time.perf_counter() - t0) * 1e3)
+        for v in values:
+            lines.append(f"| {Tn} | {v} | " + " | ".join(f"{statistics.median(times[(v, m)]):.0f}" for m in modes) + " |")
             print(lines[-1], flush=True)
-    lines += ["", f"Medians of {cfg['repeats']} runs after {cfg['warmup']} warm-up, round-robin over G."]
+    lines += ["", f"Medians of {cfg['repeats']} runs after {cfg['warmup']} warm-up, round-robin over the values."]
     os.makedirs(cfg["out"], exist_ok=True)
-    path = os.path.join(cfg["out"], "chunks.md")
+    path = os.path.join(cfg["out"], fname)
     configurator.write_atomic(path, "\n".join(lines) + "\n")
     print("wrote " + path)
 
@@ -465,12 +516,15 @@ def time_chunks(cfg, Ts, argv):
 def main(argv):
     configurator.help_if_asked(argv, DEFAULTS)
     cfg, Ts, checks = parse_args(argv)
-    if cfg["chunks"]:
+    if cfg["malloc"] == "heap" and not keep_heap():
+        configurator.fail("--malloc=heap needs glibc (mallopt)")
+    sweep = next((o for o in SWEEPS if cfg[o]), None)
+    if sweep:
         sys.path.insert(0, HERE)
         if cfg["threads"]:
             import torch
             torch.set_num_threads(cfg["threads"])
-        time_chunks(cfg, Ts, argv)
+        time_sweep(cfg, Ts, argv, sweep)
         return
     why = missing_peer(cfg["official"])
     if why:

@@ -239,7 +239,7 @@ ATTENTION["dense"] = DenseAttention
 # in Triton on CUDA with G = S / L (memory O(T d + (T/(G L)) S d_v) = O(T d)), in PyTorch
 # elsewhere with G chosen by a cost model (1 at the paper's knobs and the long config's).
 # Without autograd in eval mode (evaluation, and decode's prefill) the CPU path streams: one piece
-# (stream_len positions, whole chunks) at a time is projected, quantized and attended, carrying the
+# (whole chunks, about 2^20 logits per piece, or stream_len positions) at a time is projected, quantized and attended, carrying the
 # block before it and the cache (N and value sums per code), so its memory beyond x and y is
 # O(P (L + C + S + d) + (P / C) S d_v) for pieces of P positions, independent of T.
 # Decode: O(1) state per layer (the current and previous block, N and the value sums per
@@ -281,6 +281,14 @@ def relative_sinusoids(n, width, device, lam=10000.0):
     return torch.cat([ang.sin(), ang.cos()], dim=-1)
 
 
+# Logits per piece of the streaming forward (over batch and heads; W = S + L + C per query), so the
+# piece's working set is a few MiB whatever the unit's size: the paper's unit (W 1024) streams 1024
+# positions at a time, the long config's (W 256) 4096. On this CPU that is within 8% of the fastest
+# piece length tried at 8k and 32k for both units, where the former fixed 2048 was 14% off at the
+# long config's unit at 32k (results/peer-vq/stream-len*/stream-len.md).
+STREAM_LOGITS = 1 << 20
+
+
 class VQGatedUnit(nn.Module):
     """One gated attention unit with VQ keys (equations at the top of this section)."""
 
@@ -302,7 +310,7 @@ class VQGatedUnit(nn.Module):
         self.c_proj = nn.Linear(dv, C, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.quantized = config.vq_quantize
-        self.stream_len = 2048  # positions per piece of the streaming forward (rounded to whole chunks)
+        self.stream_len = None  # positions per piece of the streaming forward (whole chunks); None: STREAM_LOGITS
         self.chunk_blocks = None  # blocks per chunk; None: kernels.vq.chunk_blocks_by_cost (CPU), chunk_blocks_cuda (CUDA)
         self.aux_loss = None
         self.step_pending = False
@@ -407,16 +415,18 @@ class VQGatedUnit(nn.Module):
 
     @torch.no_grad()
     def _stream(self, x, keep_state=False):
-        """The forward without autograd, piece by piece (stream_len positions, whole chunks of the
-        CPU path's chunk_blocks_by_cost blocks): project, quantize and attend one piece at a time, carrying
+        """The forward without autograd, piece by piece (whole chunks of the CPU path's
+        chunk_blocks_by_cost blocks, stream_len positions or, when None, about STREAM_LOGITS logits
+        per piece over batch and heads): project, quantize and attend one piece at a time, carrying
         the block before it and the cache counts and value sums. Extra memory O(P (L + C + S + d) +
         (P / C) S d_v) for pieces of P positions, independent of T. Same result, last_counts and
         last_commit as the training forward. keep_state: also return decode's state after x (the
         prefill)."""
         B, T, _ = x.shape
         H, L, S = self.H, self.L, self.S
-        G = self.chunk_blocks or chunk_blocks_by_cost(L, S, self.dk, self.dv // H, min(T, self.stream_len))
-        P = max(1, self.stream_len // (G * L)) * G * L
+        G = self.chunk_blocks or chunk_blocks_by_cost(L, S, self.dk, self.dv // H, min(T, self.stream_len or T))
+        C = G * L
+        P = max(1, (self.stream_len or STREAM_LOGITS // (B * H * (S + L + C))) // C) * C
         rel, cb = self._rel(x.device), self.codebook()
         prev = counts = sums = None
         y, commit = None, 0.0

@@ -271,72 +271,58 @@ def _chunk_mix_t(a, x, L):
     return o
 
 
-class _ChunkAllLogits(torch.autograd.Function):
-    """All logits of each chunk's queries q (B, H, n, C, d_k) in one buffer (B, H, n, C, S + L + C):
-    against the S codewords plus log N (logn (B, H, n, S), -inf for an empty code), then the block
-    before the chunk and the chunk itself (_chunk_scores) plus the window's position bias and
-    causal mask, gathered from table (B, H, n, C, L+3) = [bias | 0 | -inf] at index (C, L+C).
-    One buffer instead of a concatenation in the forward and a split in the backward. Backward:
-    q from every logit; k from the window pairs only (older pairs stand for cache entries, whose
-    key is a codeword); the bias through the gather."""
+class _ChunkAttention(torch.autograd.Function):
+    """One chunk-wise attention step with its own backward, in two (B, H, n, C, W) buffers in all
+    (W = S + L + C): the logits of each chunk's queries q (B, H, n, C, d_k) against the S codewords
+    plus log N (logn (B, H, n, S), -inf for an empty code), then the block before the chunk and the
+    chunk itself (_chunk_scores) plus the window's position bias and causal mask, gathered from
+    table (B, H, n, C, L+3) = [bias | 0 | -inf] at index (C, L+C); softmax in place; output
+    o = a_keys [v_before | v_chunk] + (a_cache / N) U with the chunk caches U (B, H, n, S, d_v) and
+    counts N (B, H, n, S). The backward writes the probabilities' gradient into a second buffer and
+    turns it into the logits' in place. Gradients: q from every logit; k from the window pairs only
+    (older pairs stand for cache entries, whose key is a codeword); v, U, and the bias through the gather.
+    One node instead of logits, softmax and mix: two fewer buffers of that size per step."""
 
     @staticmethod
-    def forward(ctx, q, k, table, codebook, logn, idx, L):
+    def forward(ctx, q, k, v, table, codebook, logn, idx, U, counts, L):
         B, H, n, C, dk = q.shape
-        S = codebook.shape[1]
-        s = q.new_empty(B, H, n, C, S + L + C)
+        S, dv = codebook.shape[1], v.shape[-1]
+        a = q.new_empty(B, H, n, C, S + L + C)
         s_cache = (q.reshape(B, H, n * C, dk) @ codebook.transpose(-1, -2)).view(B, H, n, C, S)
-        torch.add(s_cache, logn.unsqueeze(3), out=s[..., :S])
-        _chunk_scores(q, k, L, float("-inf"), out=s[..., S:])
-        s[..., S:] += torch.gather(table, -1, idx.expand(B, H, n, C, L + C))
-        ctx.save_for_backward(q, k, codebook, idx)
+        torch.add(s_cache, logn.unsqueeze(3), out=a[..., :S])
+        del s_cache
+        _chunk_scores(q, k, L, float("-inf"), out=a[..., S:])
+        a[..., S:] += torch.gather(table, -1, idx.expand(B, H, n, C, L + C))
+        torch.softmax(a, -1, out=a)  # in place: each row is read whole (its max) before it is written
+        w = a[..., :S] / counts.clamp(min=1).unsqueeze(3)  # cache values are U / N: divide the weights
+        o = _chunk_mix(a[..., S:], v, L)
+        o.view(-1, C, dv).baddbmm_(w.view(-1, C, S), U.reshape(-1, S, dv))
+        ctx.save_for_backward(q, k, v, codebook, idx, a, w, U, counts)
         ctx.L, ctx.table_shape = L, table.shape
-        return s
+        return o
 
     @staticmethod
-    def backward(ctx, ds):
-        q, k, codebook, idx = ctx.saved_tensors
+    def backward(ctx, do):
+        q, k, v, codebook, idx, a, w, U, counts = ctx.saved_tensors
         L = ctx.L
         B, H, n, C, dk = q.shape
         S = codebook.shape[1]
+        ds = torch.empty_like(a)  # d loss / d a, then in place d loss / d logits
+        _chunk_scores(do, v, L, 0.0, out=ds[..., S:])
+        torch.div(do @ U.transpose(-1, -2), counts.clamp(min=1).unsqueeze(3), out=ds[..., :S])
+        dv = _chunk_mix_t(a[..., S:], do, L)
+        dU = w.transpose(-1, -2) @ do
+        torch._softmax_backward_data(ds, a, -1, a.dtype, grad_input=ds)  # a (ds - <a, ds>), in place likewise
         ds_cache, ds_keys = ds[..., :S], ds[..., S:]
         dq = _chunk_mix(ds_keys, k, L)
         dq += ds_cache @ codebook.unsqueeze(1)
+        dtable = ds.new_zeros(ctx.table_shape).scatter_add_(-1, idx.expand(B, H, n, C, L + C), ds_keys)
         if C > L:  # only the own and previous blocks' pairs reach k (with one block per chunk, all do)
             e = torch.arange(L + C, device=q.device)
             p = torch.arange(C, device=q.device)
             ds_keys = ds_keys * (e[None, :] // L >= p[:, None] // L)
         dk = _chunk_mix_t(ds_keys, q, L)
-        dtable = ds.new_zeros(ctx.table_shape).scatter_add_(-1, idx.expand(B, H, n, C, L + C), ds[..., S:])
-        return dq, dk, dtable, None, None, None, None
-
-
-class _ChunkAllMix(torch.autograd.Function):
-    """The values side of _ChunkAllLogits: o = a_keys [v_before | v_chunk] + (a_cache / N) U for the
-    probabilities a (B, H, n, C, S + L + C), values v (B, H, n, C, d_v), chunk caches U (B, H, n, S,
-    d_v) and counts N (B, H, n, S); the gradient of a comes back as one buffer."""
-
-    @staticmethod
-    def forward(ctx, a, v, U, counts, L):
-        B, H, n, C, dv = v.shape
-        S = U.shape[3]
-        w = a[..., :S] / counts.clamp(min=1).unsqueeze(3)  # cache values are U / N: divide the weights
-        o = _chunk_mix(a[..., S:], v, L)
-        o.view(-1, C, dv).baddbmm_(w.view(-1, C, S), U.reshape(-1, S, dv))
-        ctx.save_for_backward(a, v, U, w, counts)
-        ctx.L = L
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        a, v, U, w, counts = ctx.saved_tensors
-        L, S = ctx.L, U.shape[3]
-        da = torch.empty_like(a)
-        _chunk_scores(do, v, L, 0.0, out=da[..., S:])
-        torch.div(do @ U.transpose(-1, -2), counts.clamp(min=1).unsqueeze(3), out=da[..., :S])
-        dv = _chunk_mix_t(a[..., S:], do, L)
-        dU = w.transpose(-1, -2) @ do
-        return da, dv, dU, None, None
+        return dq, dk, dv, dtable, None, None, None, dU, None, None
 
 
 def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G, carry=None):
@@ -363,57 +349,66 @@ def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G, carry=None):
     # the chunk cache of chunk c holds the positions t < c C - L: t enters at chunk (t + L) // C + 1
     counts, sums = _cache(z, v, (torch.arange(Tp, device=z.device) + L) // C + 1, n, S)
     logn = _log_counts(counts)
-    s = _ChunkAllLogits.apply(q.view(B, H, n, C, dk), k.view(B, H, n, C, dk), _window_table(q, bias, n, C, L),
-                              codebook, logn, _window_index(C, L, L, q.device), L)  # (B, H, n, C, S + L + C)
-    o = _ChunkAllMix.apply(torch.softmax(s, dim=-1), v.view(B, H, n, C, dv), sums, counts, L)
+    o = _ChunkAttention.apply(q.view(B, H, n, C, dk), k.view(B, H, n, C, dk), v.view(B, H, n, C, dv),
+                              _window_table(q, bias, n, C, L), codebook, logn, _window_index(C, L, L, q.device),
+                              sums, counts, L)
     return o.view(B, H, Tp, dv)
 
 
 @torch.no_grad()
 def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
     """vq_chunk_attention_torch without autograd (evaluation, the streaming forward), in fewer passes
-    over memory: per chunk one key matrix [codewords | block before | chunk] and one value matrix
-    [U / N | block before | chunk] (W = S + L + C rows), so one product makes the logits, one softmax
-    normalises them and one product makes the output. The chunk caches are built in the value
-    matrices: chunk c's U adds to chunk c-1's the first C positions of c-1's window (its block
-    before and all but its last block). Same arguments and result."""
+    over memory: every key is a codeword, so one product q C^T makes the logits against the codes
+    and the window's are gathered from it at the keys' codes (k itself is not read); one value matrix
+    per chunk [U / N | block before | chunk] (W = S + L + C rows) lets one softmax normalise the
+    logits and one product make the output. The chunk caches are built by one index_add over the
+    values at rows (chunk, code), each position at the first chunk whose cache holds it, then a sum
+    over chunks, written divided by the counts into the value matrices. Same arguments and result."""
     B, H, Tp, dk = q.shape
     C, S, dv = G * L, codebook.shape[1], v.shape[-1]
-    n, W = Tp // C, S + L + C
-    kc, vc, zc = k.view(B, H, n, C, dk), v.view(B, H, n, C, dv), z.view(B, H, n, C)
-    K, V = q.new_empty(B, H, n, W, dk), v.new_empty(B, H, n, W, dv)
-    Z, seen = z.new_zeros(B, H, n, L + C), v.new_ones(B, H, n, L + C)
-    K[..., :S, :] = codebook.to(q.dtype)[None, :, None]
-    for X, x in ((K, kc), (V, vc)):
-        X[..., S + L:, :] = x
-        X[:, :, 1:, S:S + L] = x[:, :, :-1, C - L:]
+    n, W, BH = Tp // C, S + L + C, B * H
+    vc, zc = v.view(B, H, n, C, dv), z.view(B, H, n, C)
+    V = v.new_empty(B, H, n, W, dv)
+    Z = z.new_zeros(B, H, n, L + C)
+    V[..., S + L:, :] = vc
+    V[:, :, 1:, S:S + L] = vc[:, :, :-1, C - L:]
     Z[..., L:] = zc
     Z[:, :, 1:, :L] = zc[:, :, :-1, C - L:]
-    counts = v.new_zeros(B, H, n, S)
+    # chunk c's cache holds the positions t < c C - L (and the carry's): t enters at chunk
+    # (t + L) // C + 1, the carry's block (just before t = 0) at chunk 1; row n takes those no chunk reads
+    U = v.new_zeros(BH * (n + 1) * S, dv)
+    counts = v.new_zeros(BH * (n + 1) * S)
+    base = torch.arange(BH, device=z.device).view(BH, 1) * (n + 1)
+    enter = ((torch.arange(Tp, device=z.device) + L) // C + 1).clamp(max=n)
+
+    def add(rows, x):
+        U.view(-1, dv).index_add_(0, rows.reshape(-1), x.reshape(-1, dv))
+        counts.view(-1).index_add_(0, rows.reshape(-1), x.new_ones(()).expand(rows.numel()))
+    U, counts = U.view(BH, n + 1, S, dv), counts.view(BH, n + 1, S)
+    add((base + enter) * S + z.reshape(BH, Tp), v)
     if carry is None:
-        K[:, :, 0, S:S + L] = 0
-        V[:, :, 0, :S + L] = 0
-        seen[:, :, 0, :L] = 0  # no block before the first chunk: it enters no cache
+        V[:, :, 0, S:S + L] = 0  # no block before the first chunk (masked below)
     else:
         counts0, sums0, pk, pv, pz = carry
-        K[:, :, 0, S:S + L], V[:, :, 0, S:S + L], Z[:, :, 0, :L] = pk, pv, pz
-        counts[:, :, 0], V[:, :, 0, :S] = counts0, sums0
-    # the cache of chunk c >= 1: chunk c-1's, plus the first C positions of chunk c-1's window
-    U = V[..., :S, :]
-    if n > 1:
-        counts[:, :, 1:].scatter_add_(3, Z[:, :, :-1, :C], seen[:, :, :-1, :C])
-        U[:, :, 1:] = 0
-        U[:, :, 1:].scatter_add_(3, Z[:, :, :-1, :C, None].expand(-1, -1, -1, -1, dv), V[:, :, :-1, S:S + C])
-        for c in range(1, n):
-            counts[:, :, c] += counts[:, :, c - 1]
-            U[:, :, c] += U[:, :, c - 1]
-    logits = q.view(B, H, n, C, dk) @ K.transpose(-1, -2)  # (B, H, n, C, W)
-    logits[..., :S] += _log_counts(counts).unsqueeze(3)
+        V[:, :, 0, S:S + L], Z[:, :, 0, :L] = pv, pz
+        U[:, 0] += sums0.reshape(BH, S, dv)
+        counts[:, 0] += counts0.reshape(BH, S)
+        add((base + min(1, n)) * S + pz.reshape(BH, L), pv)
+    for c in range(1, n):  # inclusive sums over chunks
+        U[:, c] += U[:, c - 1]
+        counts[:, c] += counts[:, c - 1]
+    counts = counts[:, :n].view(B, H, n, S)
+    torch.div(U[:, :n].view(B, H, n, S, dv), counts.clamp(min=1).unsqueeze(-1), out=V[..., :S, :])
+    # every key is a codeword (k^_j = c_{z_j}), so q . k^_j is column z_j of q C^T: the window's
+    # logits are gathered from the codes' instead of a second product against the keys
+    raw = (q.reshape(B, H, n * C, dk) @ codebook.to(q.dtype).transpose(-1, -2)).view(B, H, n, C, S)
+    logits = q.new_empty(B, H, n, C, W)
+    torch.add(raw, _log_counts(counts).unsqueeze(3), out=logits[..., :S])
+    torch.gather(raw, -1, Z.unsqueeze(3).expand(B, H, n, C, L + C), out=logits[..., S:])
     logits[..., S:] += torch.gather(_window_table(q, bias, n, C, L), -1,
                                     _window_index(C, L, L, q.device).expand(B, H, n, C, L + C))
     if carry is None:
         logits[:, :, 0, :, S:S + L] = float("-inf")
-    U /= counts.clamp(min=1).unsqueeze(-1)
     return (torch.softmax(logits, dim=-1) @ V).view(B, H, Tp, dv)
 
 

@@ -31,6 +31,27 @@ def test_chunk_length_mode_runs_without_the_official_code(tmp_path):
     assert [row.split("|")[2].strip() for row in rows] == ["1", "2"]
 
 
+def test_piece_length_mode_runs_without_the_official_code(tmp_path):
+    """--stream_lens times our no-grad forward alone at each piece length and writes stream-len.md."""
+    out = tmp_path / "out"
+    r = run(["bench_peer.py", f"--official={tmp_path / 'none'}", "--stream_lens=16,48", "--T=96", "--repeats=1",
+             "--warmup=0", "--d_model=32", "--d_k=16", "--d_v=32", "--L=16", "--S=32", f"--out={out}"], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in (out / "stream-len.md").read_text().splitlines() if line.startswith("| 96 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["16", "48"] and all(len(row.split("|")) == 5 for row in rows)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+def test_balanced_order_puts_each_case_after_each_other_equally_often(n):
+    names = [f"case{i}" for i in range(n)]
+    rounds = [bench_peer.round_order(names, r, "balanced") for r in range(n if n % 2 == 0 else 2 * n)]
+    assert all(sorted(row) == names for row in rounds)
+    pairs = [(x, y) for row in rounds for x, y in zip(row, row[1:])]  # within rounds
+    counts = {(x, y): pairs.count((x, y)) for x in names for y in names if x != y}
+    assert len(set(counts.values())) == 1 and min(counts.values()) >= 1, counts
+    assert all(bench_peer.round_order(names, r, "fixed") == names for r in range(5))
+
+
 def test_skips_without_jax(tmp_path):
     """A jax that fails to import (even where the real one is installed) and a checkout that is there."""
     fake = tmp_path / "official" / "src" / "transformer_vq" / "nn"
