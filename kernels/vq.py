@@ -167,6 +167,18 @@ def _scan(x, reverse=False, G=4):
     return y.view(N, C * G, M)[:, :R]
 
 
+def _scan_rows_(x, reverse=False):
+    """In place: inclusive sum of x (N, R, M) over R (from the end if reverse), one row at a time
+    (R - 1 additions of N M elements and no new buffer, where _scan allocates two of x's size; on
+    CUDA a cumulative sum copied back)."""
+    R = x.shape[1]
+    if x.is_cuda or R == 1:
+        return x if R == 1 else x.copy_(_scan(x, reverse))
+    for r in (range(R - 2, -1, -1) if reverse else range(1, R)):
+        x[:, r] += x[:, r + 1 if reverse else r - 1]
+    return x
+
+
 class _CacheSums(torch.autograd.Function):
     """Value sums U (N, R, S, d_v) per cache row r and code s, from values v (N, T, d_v) with
     codes z (N, T): position t counts in rows r >= first[t] (first (T,) non-decreasing). Forward:
@@ -176,19 +188,20 @@ class _CacheSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, z, first, R, S):
         N, T, dv = v.shape
-        n_rows = R + 1  # row R takes the positions no row uses (no read of first's values on the host)
-        rows = (first.clamp(max=R) * S + z + torch.arange(N, device=z.device)[:, None] * (n_rows * S)).view(-1)
-        U = v.new_zeros(N * n_rows * S, dv).index_add_(0, rows, v.reshape(-1, dv))
+        # rows past N R S take the positions no row uses (no read of first's values on the host)
+        rows = torch.where(first < R, first * S + torch.arange(N, device=z.device)[:, None] * (R * S), N * R * S) + z
+        U = v.new_zeros(N * R * S + S, dv).index_add_(0, rows.view(-1), v.reshape(-1, dv))[:N * R * S]
         ctx.save_for_backward(z, first)
         ctx.shape = (R, S)
-        return _scan(U.view(N, -1, S * dv)[:, :R]).view(N, R, S, dv)
+        return _scan_rows_(U.view(N, R, S * dv)).view(N, R, S, dv)
 
     @staticmethod
     def backward(ctx, g):
         z, first = ctx.saved_tensors
         R, S = ctx.shape
         N, dv, T = g.shape[0], g.shape[-1], z.shape[1]
-        g = _scan(g.reshape(N, R, S * dv), reverse=True).reshape(N * R * S, dv)
+        # in place in the incoming gradient (the chunk mix's fresh buffer, U's only reader)
+        g = _scan_rows_(g.contiguous().view(N, R, S * dv), reverse=True).view(N * R * S, dv)
         rows = first.clamp(max=R - 1) * S + z + torch.arange(N, device=z.device)[:, None] * (R * S)
         dv_ = g.index_select(0, rows.view(-1)).view(N, T, dv)
         dv_.masked_fill_((first >= R).view(1, T, 1), 0)  # positions that enter no row of the cache
@@ -271,22 +284,19 @@ def _chunk_mix_t(a, x, L):
     return o
 
 
-class _ChunkAttention(torch.autograd.Function):
-    """One chunk-wise attention step with its own backward, in two (B, H, n, C, W) buffers in all
-    (W = S + L + C): the logits of each chunk's queries q (B, H, n, C, d_k) against the S codewords
-    plus log N (logn (B, H, n, S), -inf for an empty code), then the block before the chunk and the
-    chunk itself (_chunk_scores) plus the window's position bias and causal mask, gathered from
-    table (B, H, n, C, L+3) = [bias | 0 | -inf] at index (C, L+C); softmax in place; output
-    o = a_keys [v_before | v_chunk] + (a_cache / N) U with the chunk caches U (B, H, n, S, d_v) and
-    counts N (B, H, n, S). The backward writes the probabilities' gradient into a second buffer and
-    turns it into the logits' in place. Gradients: q from every logit; k from the window pairs only
-    (older pairs stand for cache entries, whose key is a codeword); v, U, and the bias through the gather.
-    One node instead of logits, softmax and mix: two fewer buffers of that size per step."""
+class _ChunkProbs(torch.autograd.Function):
+    """Attention probabilities of each chunk's queries q (B, H, n, C, d_k), in one buffer
+    (B, H, n, C, S + L + C): logits against the S codewords plus log N (logn (B, H, n, S), -inf for an
+    empty code), then against the block before the chunk and the chunk itself (_chunk_scores) plus
+    the window's position bias and causal mask, gathered from table (B, H, n, C, L+3) = [bias | 0 |
+    -inf] at index (C, L+C); the softmax runs in place, and its backward in place in the incoming
+    gradient. Backward: q from every logit; k from the window pairs only (older pairs stand for cache
+    entries, whose key is a codeword); the bias through the gather."""
 
     @staticmethod
-    def forward(ctx, q, k, v, table, codebook, logn, idx, U, counts, L):
+    def forward(ctx, q, k, table, codebook, logn, idx, L):
         B, H, n, C, dk = q.shape
-        S, dv = codebook.shape[1], v.shape[-1]
+        S = codebook.shape[1]
         a = q.new_empty(B, H, n, C, S + L + C)
         s_cache = (q.reshape(B, H, n * C, dk) @ codebook.transpose(-1, -2)).view(B, H, n, C, S)
         torch.add(s_cache, logn.unsqueeze(3), out=a[..., :S])
@@ -294,25 +304,18 @@ class _ChunkAttention(torch.autograd.Function):
         _chunk_scores(q, k, L, float("-inf"), out=a[..., S:])
         a[..., S:] += torch.gather(table, -1, idx.expand(B, H, n, C, L + C))
         torch.softmax(a, -1, out=a)  # in place: each row is read whole (its max) before it is written
-        w = a[..., :S] / counts.clamp(min=1).unsqueeze(3)  # cache values are U / N: divide the weights
-        o = _chunk_mix(a[..., S:], v, L)
-        o.view(-1, C, dv).baddbmm_(w.view(-1, C, S), U.reshape(-1, S, dv))
-        ctx.save_for_backward(q, k, v, codebook, idx, a, w, U, counts)
+        ctx.save_for_backward(q, k, codebook, idx, a)
         ctx.L, ctx.table_shape = L, table.shape
-        return o
+        return a
 
     @staticmethod
-    def backward(ctx, do):
-        q, k, v, codebook, idx, a, w, U, counts = ctx.saved_tensors
+    def backward(ctx, da):
+        q, k, codebook, idx, a = ctx.saved_tensors
         L = ctx.L
         B, H, n, C, dk = q.shape
         S = codebook.shape[1]
-        ds = torch.empty_like(a)  # d loss / d a, then in place d loss / d logits
-        _chunk_scores(do, v, L, 0.0, out=ds[..., S:])
-        torch.div(do @ U.transpose(-1, -2), counts.clamp(min=1).unsqueeze(3), out=ds[..., :S])
-        dv = _chunk_mix_t(a[..., S:], do, L)
-        dU = w.transpose(-1, -2) @ do
-        torch._softmax_backward_data(ds, a, -1, a.dtype, grad_input=ds)  # a (ds - <a, ds>), in place likewise
+        ds = da.contiguous()  # _ChunkMix's fresh buffer: turned into the logits' gradient in place
+        torch._softmax_backward_data(ds, a, -1, a.dtype, grad_input=ds)  # a (ds - <a, ds>), row by row
         ds_cache, ds_keys = ds[..., :S], ds[..., S:]
         dq = _chunk_mix(ds_keys, k, L)
         dq += ds_cache @ codebook.unsqueeze(1)
@@ -322,7 +325,38 @@ class _ChunkAttention(torch.autograd.Function):
             p = torch.arange(C, device=q.device)
             ds_keys = ds_keys * (e[None, :] // L >= p[:, None] // L)
         dk = _chunk_mix_t(ds_keys, q, L)
-        return dq, dk, dv, dtable, None, None, None, dU, None, None
+        return dq, dk, dtable, None, None, None, None
+
+
+class _ChunkMix(torch.autograd.Function):
+    """The values side of _ChunkProbs: o = a_keys [v_before | v_chunk] + (a_cache / N) U for the
+    probabilities a (B, H, n, C, S + L + C), values v (B, H, n, C, d_v), chunk caches U (B, H, n, S,
+    d_v) and counts N (B, H, n, S); the gradient of a comes back as one buffer. Nothing but its inputs
+    is kept for the backward (the weights a_cache / N are not), and dU = (a_cache^T do) / N needs no
+    copy of them."""
+
+    @staticmethod
+    def forward(ctx, a, v, U, counts, L):
+        B, H, n, C, dv = v.shape
+        S = U.shape[3]
+        w = a[..., :S] / counts.clamp(min=1).unsqueeze(3)  # cache values are U / N: divide the weights
+        o = _chunk_mix(a[..., S:], v, L)
+        o.view(-1, C, dv).baddbmm_(w.view(-1, C, S), U.reshape(-1, S, dv))
+        ctx.save_for_backward(a, v, U, counts)
+        ctx.L = L
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        a, v, U, counts = ctx.saved_tensors
+        L, S = ctx.L, U.shape[3]
+        n_inv = 1 / counts.clamp(min=1).unsqueeze(-1)  # (B, H, n, S, 1)
+        da = torch.empty_like(a)
+        _chunk_scores(do, v, L, 0.0, out=da[..., S:])
+        torch.mul(do @ U.transpose(-1, -2), n_inv.transpose(-1, -2), out=da[..., :S])
+        dv = _chunk_mix_t(a[..., S:], do, L)
+        dU = (a[..., :S].transpose(-1, -2) @ do).mul_(n_inv)
+        return da, dv, dU, None, None
 
 
 def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G, carry=None):
@@ -349,10 +383,9 @@ def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G, carry=None):
     # the chunk cache of chunk c holds the positions t < c C - L: t enters at chunk (t + L) // C + 1
     counts, sums = _cache(z, v, (torch.arange(Tp, device=z.device) + L) // C + 1, n, S)
     logn = _log_counts(counts)
-    o = _ChunkAttention.apply(q.view(B, H, n, C, dk), k.view(B, H, n, C, dk), v.view(B, H, n, C, dv),
-                              _window_table(q, bias, n, C, L), codebook, logn, _window_index(C, L, L, q.device),
-                              sums, counts, L)
-    return o.view(B, H, Tp, dv)
+    a = _ChunkProbs.apply(q.view(B, H, n, C, dk), k.view(B, H, n, C, dk), _window_table(q, bias, n, C, L),
+                          codebook, logn, _window_index(C, L, L, q.device), L)  # (B, H, n, C, S + L + C)
+    return _ChunkMix.apply(a, v.view(B, H, n, C, dv), sums, counts, L).view(B, H, Tp, dv)
 
 
 @torch.no_grad()
