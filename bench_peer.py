@@ -31,12 +31,13 @@ error |ours - theirs| / |theirs| of y, of the loss, of dL/dx and of every parame
 codebook's (ours: buffers moved by EMA; theirs: parameters moved by a surrogate loss).
 Timing, per T: each case `warmup` untimed runs (JAX compiles in the first), then round-robin over the
 four cases (ours fwd+bwd, theirs fwd+bwd, ours fwd, theirs fwd), at most `repeats` timed runs each and no
-new round once max_case_seconds of timed runs are spent per case; median ms (wall clock). order=rotate
-starts round r at case r mod 4: in a fixed order "ours fwd" always ran right after the official training
-step, whose XLA worker threads still held the cores (ours fwd 193 ms there against 161 ms run alone, at
-8k). pause idles before each run. malloc=heap keeps freed memory in glibc's heap for the whole
-process (both codes): by default each buffer above 32 MiB is mapped afresh and faulted in page by
-page (our training step at 32k: 2.7 s, 1.7 s with the heap kept). Forward is
+new round once max_case_seconds of timed runs are spent per case; median ms (wall clock). order=balanced
+takes the rounds from a Williams Latin square, so each case runs right after each other one equally often:
+in a fixed order "ours fwd" always ran right after the official training step, after which torch work runs
+at about half speed for a few tens of milliseconds (results/peer-vq/aftermath). pause idles before each
+run. malloc=heap keeps freed memory in glibc's heap for the whole process (both codes): by default each
+buffer above 32 MiB is mapped afresh and faulted in page by page (results/peer-vq/heap against the
+default-allocator runs). Forward is
 ours under torch.no_grad() in eval mode and theirs with is_train=False, jit-compiled; fwd+bwd is ours in
 training mode (gathering codebook statistics) and theirs jax.value_and_grad over every parameter
 (including its codebook's surrogate loss) and x, jit-compiled. Peak memory (mem=True): a fresh child
