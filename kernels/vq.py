@@ -451,8 +451,9 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
 # by the counts, and their backward), in units of one attention multiply-add: fitted to this CPU's
 # fwd+bwd times of the paper's unit with L 16 at 8k (G = 1, 2, 8: 1271, 770, 435 ms; where the cache
 # and attention terms trade off); mostly memory traffic. Checked by bench_peer.py --chunks
-# (results/peer-vq/chunks-*): the pick is the fastest G measured at L 256 and at the long config's
-# L 64, S 128, and within 11% of it at L 16.
+# (results/peer-vq/chunks-*, re-measured after the cache sums moved in place, which made the build
+# cheaper; not refitted): the pick is the fastest G measured at L 256 and at the long config's
+# L 64, S 128, and within 7% of it at L 16.
 CACHE_BUILD_COST = 80
 
 
