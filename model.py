@@ -83,6 +83,7 @@ class GPTConfig:
     as_compress: int = 0  # NSA's per-token compressed branch over windows of this many tokens, replacing the correction (0: off)
     as_compress_stride: int = 16  # ... taken every this many tokens (NSA: length 32, stride 16)
     as_budget: float = 0.0  # weight of the budget regulariser: expected kept count / k_max, added to the loss (0: off)
+    as_gate_bias: float = 0.0  # initial bias of the selection gate g_sel (0: sigmoid 0.5, as the other gates; 2: 0.88)
     # generative-function (Hilsenbek 2024)
     gf_fn: str = "min"  # f in y_t = f(x_t, x_{t-1}): min (the paper's), max or mean
     gf_avg_context: bool = False  # also compare with the causal running mean of x_0..x_t
@@ -784,7 +785,9 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 #                scorer's own logits (NSA derives its selection scores from its compression
 #                branch's attention; here the compression branch reuses the selection scores)
 #   output       y_t = W_o [g_sel_t * o_sel_t + g_cmp_t * c_{block(t)}],
-#                (g_sel, g_cmp) = sigmoid(x_t W_g + b_g) per token and head, as NSA's gates
+#                (g_sel, g_cmp) = sigmoid(x_t W_g + b_g) per token and head, as NSA's gates; W_g
+#                starts small (std 0.02) and b_g at 0, but g_sel's bias at as_gate_bias (2 in the
+#                T=64 config: the selected attention starts nearly open, as in dense)
 #
 # NSA's other options, each off by default:
 #   as_window = w > 0     a third branch, NSA's sliding window, with its own softmax and gate:
@@ -908,6 +911,7 @@ class AdaptiveSparseAttention(nn.Module):
         # NSA-style gates (g_sel, g_cmp[, g_win]) per token and head; absent in the dense-equivalent setting
         n_gates = 3 if self.window else 2
         self.gate = None if self.dense_equivalent else nn.Linear(config.n_embd, n_gates * config.n_head, bias=True)
+        self.gate_bias = config.as_gate_bias
         self._stats = None
         self._last_T = None
         self.last_selected = None  # last forward: (B, H, n_blocks, n_slots) kept candidate ids, -1 = none
@@ -916,6 +920,12 @@ class AdaptiveSparseAttention(nn.Module):
     supports_rope = True
     _heads = DenseAttention._heads  # the same c_attn / c_proj head layout as dense (and rotary q, k)
     _out = DenseAttention._out
+
+    @torch.no_grad()
+    def reset_parameters_after_gpt_init(self):
+        """GPT's init zeroes every Linear bias; the selection gate's (the first n_head outputs) starts at as_gate_bias."""
+        if self.gate is not None:
+            self.gate.bias[:self.n_head].fill_(self.gate_bias)
 
     # the (nq, nk) scores in ranges of about select_chunk_scores scores per (batch, head), at least
     # select_min_blocks query blocks each (recomputed in the backward when there are several and the

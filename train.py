@@ -74,7 +74,7 @@ RANGES = dict(
     vq_codebook_size=">=1", vq_block_len=">=1", vq_d_k=">=1", vq_d_v_mult=">0", vq_n_head=">=1", vq_beta=">=0",
     vq_ema_decay="[0,1)", kh_hash_bits="[1,16]", kh_bucket_block=">=1", kh_samples=">=0", kh_min_seq_len=">=1",
     as_block=">=1", as_threshold="(0,1]", as_k_min=">=0", as_k_max=">=0", as_score_dim=">=1", as_window=">=0",
-    as_compress=">=0", as_compress_stride=">=1", short_conv=">=0", as_budget=">=0",
+    as_compress=">=0", as_compress_stride=">=1", short_conv=">=0", as_budget=">=0", as_gate_bias="[-20,20]",
 )
 MEMORY_STEPS = 2  # training steps inside the memory peak (the first allocates the optimizer state)
 CKPT_KEYS = ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "rng")

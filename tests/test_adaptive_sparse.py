@@ -278,6 +278,17 @@ def test_selection_is_valid_when_scores_are_extreme():
     assert torch.isfinite(st).all() and torch.isfinite(c).all()
 
 
+def test_selection_gate_starts_at_its_bias():
+    """as_gate_bias sets g_sel's initial bias after GPT's init (which zeroes every Linear bias), and only g_sel's."""
+    m = tiny_gpt(as_gate_bias=2.0, as_compress=8, as_compress_stride=4)
+    for blk in m.transformer.h:
+        bias, H = blk.attn.gate.bias, blk.attn.n_head
+        assert torch.equal(bias[:H], torch.full((H,), 2.0)) and torch.equal(bias[H:], torch.zeros(bias.numel() - H))
+        g = blk.attn._gates(torch.zeros(1, 3, m.config.n_embd))
+        assert torch.allclose(g[0], torch.full_like(g[0], torch.sigmoid(torch.tensor(2.0)).item()))
+        assert torch.allclose(g[1], torch.full_like(g[1], 0.5))
+
+
 def test_scorer_gate_and_correction_get_gradients():
     m = tiny_gpt()
     idx = torch.randint(0, 40, (2, 64))

@@ -60,7 +60,7 @@ TRAIN_BAD = dict(
     n_layer=0, n_head=0, n_embd=-5, dropout=1.0, mlp_ratio=-1.0, vq_codebook_size=0, vq_block_len=0, vq_d_k=0,
     vq_d_v_mult=0.0, vq_n_head=0, vq_beta=-1.0, vq_ema_decay=1.0, kh_hash_bits=17, kh_bucket_block=0, kh_samples=-1,
     kh_min_seq_len=0, as_block=0, as_threshold=0.0, as_k_min=-1, as_k_max=-1, as_score_dim=0, as_window=-1,
-    as_compress=-1, as_compress_stride=0, short_conv=-1, as_budget=-0.1)
+    as_compress=-1, as_compress_stride=0, short_conv=-1, as_budget=-0.1, as_gate_bias=50.0)
 SAMPLE_BAD = dict(num_samples=0, max_new_tokens=-5, temperature=-0.5, top_k=-1, seed=-1)
 PREPARE_BAD = dict(num_proc=0, val_fraction=1.0, max_chars=-1)
 CASES = [(m, k, v) for m, bad in ((train, TRAIN_BAD), (sample, SAMPLE_BAD), (prepare_data, PREPARE_BAD))
