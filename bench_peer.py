@@ -357,7 +357,7 @@ def time_all(cfg, Tn):
 
 def keep_heap():
     """glibc: serve every allocation from the heap and never give freed memory back (M_MMAP_MAX 0,
-    M_TRIM_THRESHOLD 64 GiB), process-wide, so both codes reuse warm pages instead of faulting fresh
+    M_TRIM_THRESHOLD 2 GiB - 1, the largest an int takes), process-wide, so both codes reuse warm pages instead of faulting fresh
     ones for each large buffer (glibc maps buffers above 32 MiB anew on every allocation). False where
     it does not apply (no glibc)."""
     import ctypes

@@ -241,8 +241,8 @@ ATTENTION["dense"] = DenseAttention
 # elsewhere with G chosen by a cost model (1 at the paper's knobs and the long config's).
 # Without autograd in eval mode (evaluation, and decode's prefill) the CPU path streams: one piece
 # (whole chunks, about 2^20 logits, or stream_len positions) at a time is projected, quantized and
-# attended, carrying the block before it and the cache (N and value sums per code), so its memory beyond x and y is
-# O(P (L + C + S + d) + (P / C) S d_v) for pieces of P positions, independent of T.
+# attended, carrying the block before it and the cache (N and value sums per code), so its memory
+# beyond x and y is O(P (L + C + S + d) + (P / C) S d_v) for pieces of P positions, independent of T.
 # Decode: O(1) state per layer (the current and previous block, N and the value sums per
 # code) and O(L + S) time per token, independent of the context length.
 #

@@ -146,34 +146,13 @@ def rms_norm(x, weight=None, scale=1.0, eps=1e-6):
     return _RMSNorm.apply(x, weight, scale, eps)
 
 
-def _scan(x, reverse=False, G=4):
-    """Inclusive cumulative sum of x (N, R, M) over R (from the end if reverse), as a few
-    matmuls: a lower-triangular (G, G) matrix sums inside chunks of G rows, and the chunk
-    totals are scanned recursively. torch.cumsum over a middle dimension is far slower on CPU."""
-    N, R, M = x.shape
-    if x.is_cuda:  # fast there, and exact (the matmul below could run in TF32)
-        return x.flip(1).cumsum(1).flip(1) if reverse else x.cumsum(1)
-    if R == 1:
-        return x
-    G = min(G, R)
-    C = -(-R // G)
-    xc = (F.pad(x, (0, 0, 0, C * G - R)) if C * G > R else x).reshape(N, C, G, M)
-    tri = torch.ones(G, G, device=x.device, dtype=x.dtype)
-    tri = tri.triu() if reverse else tri.tril()
-    y = tri @ xc  # scan inside each chunk, (N, C, G, M)
-    if C > 1:
-        tot = y[:, :, 0] if reverse else y[:, :, -1]  # chunk totals, (N, C, M)
-        y += (_scan(tot, reverse, G) - tot).unsqueeze(2)  # plus the exclusive scan of the totals
-    return y.view(N, C * G, M)[:, :R]
-
-
 def _scan_rows_(x, reverse=False):
-    """In place: inclusive sum of x (N, R, M) over R (from the end if reverse), one row at a time
-    (R - 1 additions of N M elements and no new buffer, where _scan allocates two of x's size; on
-    CUDA a cumulative sum copied back)."""
+    """In place: inclusive sum of x (N, R, ...) over R (from the end if reverse), one row at a time on
+    the CPU (R - 1 additions and no new buffer; torch.cumsum over a middle dimension is far slower
+    there); on CUDA a cumulative sum copied back."""
     R = x.shape[1]
-    if x.is_cuda or R == 1:
-        return x if R == 1 else x.copy_(_scan(x, reverse))
+    if x.is_cuda:
+        return x.copy_(x.flip(1).cumsum(1).flip(1) if reverse else x.cumsum(1))
     for r in (range(R - 2, -1, -1) if reverse else range(1, R)):
         x[:, r] += x[:, r + 1 if reverse else r - 1]
     return x
@@ -427,10 +406,8 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
         U[:, 0] += sums0.reshape(BH, S, dv)
         counts[:, 0] += counts0.reshape(BH, S)
         add((base + min(1, n)) * S + pz.reshape(BH, L), pv)
-    for c in range(1, n):  # inclusive sums over chunks
-        U[:, c] += U[:, c - 1]
-        counts[:, c] += counts[:, c - 1]
-    counts = counts[:, :n].view(B, H, n, S)
+    _scan_rows_(U[:, :n])  # inclusive sums over chunks
+    counts = _scan_rows_(counts[:, :n]).view(B, H, n, S)
     torch.div(U[:, :n].view(B, H, n, S, dv), counts.clamp(min=1).unsqueeze(-1), out=V[..., :S, :])
     # every key is a codeword (k^_j = c_{z_j}), so q . k^_j is column z_j of q C^T: the window's
     # logits are gathered from the codes' instead of a second product against the keys

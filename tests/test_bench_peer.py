@@ -21,24 +21,19 @@ def test_skips_without_the_official_checkout(tmp_path):
     assert not out.exists()
 
 
-def test_chunk_length_mode_runs_without_the_official_code(tmp_path):
-    """--chunks times our unit alone at each chunk length (no JAX, no checkout) and writes chunks.md."""
+@pytest.mark.parametrize("flag,values,T,table,columns", [("chunks", ["1", "2"], 128, "chunks.md", 4),
+                                                          ("stream_lens", ["16", "48"], 96, "stream-len.md", 3)])
+def test_sweep_modes_run_without_the_official_code(tmp_path, flag, values, T, table, columns):
+    """--chunks (blocks per chunk: fwd and fwd+bwd) and --stream_lens (piece length: fwd) time our unit
+    alone at each value (no JAX, no checkout) and write their table, one row per value."""
     out = tmp_path / "out"
-    r = run(["bench_peer.py", f"--official={tmp_path / 'none'}", "--chunks=1,2", "--T=128", "--repeats=1",
-             "--warmup=0", "--d_model=32", "--d_k=16", "--d_v=32", "--L=16", "--S=32", f"--out={out}"], timeout=120)
+    r = run(["bench_peer.py", f"--official={tmp_path / 'none'}", f"--{flag}={','.join(values)}", f"--T={T}",
+             "--repeats=1", "--warmup=0", "--d_model=32", "--d_k=16", "--d_v=32", "--L=16", "--S=32", f"--out={out}"],
+            timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [line for line in (out / "chunks.md").read_text().splitlines() if line.startswith("| 128 |")]
-    assert [row.split("|")[2].strip() for row in rows] == ["1", "2"]
-
-
-def test_piece_length_mode_runs_without_the_official_code(tmp_path):
-    """--stream_lens times our no-grad forward alone at each piece length and writes stream-len.md."""
-    out = tmp_path / "out"
-    r = run(["bench_peer.py", f"--official={tmp_path / 'none'}", "--stream_lens=16,48", "--T=96", "--repeats=1",
-             "--warmup=0", "--d_model=32", "--d_k=16", "--d_v=32", "--L=16", "--S=32", f"--out={out}"], timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = [line for line in (out / "stream-len.md").read_text().splitlines() if line.startswith("| 96 |")]
-    assert [row.split("|")[2].strip() for row in rows] == ["16", "48"] and all(len(row.split("|")) == 5 for row in rows)
+    rows = [line for line in (out / table).read_text().splitlines() if line.startswith(f"| {T} |")]
+    assert [row.split("|")[2].strip() for row in rows] == values
+    assert all(len(row.split("|")) == columns + 2 for row in rows)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
