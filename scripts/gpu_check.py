@@ -89,6 +89,10 @@ def part_kernels(ck, args):
         return ck.record(part="kernels", status="skipped", reason="time budget spent")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS, "-k", KERNEL_SELECT,
            f"--junitxml={os.path.join(ck.out_dir, 'kernel_tests.xml')}"]
+    workers = kernel_workers(args.kernel_workers)
+    if workers > 1:  # Triton compiles on the host, one kernel at a time per process: spread the files' tests
+        cmd += ["-n", str(workers)]
+    ck.log(f"kernel tests: {workers} pytest process(es)")
     t = time.time()
     try:
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=min(args.kernel_timeout, ck.left()))
@@ -101,6 +105,14 @@ def part_kernels(ck, args):
     ck.log(f"kernel tests: rc {rc}, {counts} in {time.time() - t:.0f}s")
     return ck.record(part="kernels", status="ok" if rc == 0 else "failed", rc=rc, counts=counts,
                      seconds=round(time.time() - t, 1), tail=out[-1500:] if rc != 0 else "")
+
+
+def kernel_workers(asked):
+    """Processes for the kernel tests: `asked`, or min(8, cores) where pytest-xdist is installed (-1), else 1."""
+    import importlib.util
+    if asked == 0 or importlib.util.find_spec("xdist") is None:
+        return 1
+    return asked if asked > 0 else max(1, min(8, os.cpu_count() or 1))
 
 
 # ---------------------------------------------------------------------------------------- (b) blocks
@@ -246,6 +258,8 @@ def parse_args(argv):
     p.add_argument("--item_limit", type=float, default=45.0, help="seconds one block size may take")
     p.add_argument("--budget", type=float, default=None, help="total seconds (default 470; smoke 300)")
     p.add_argument("--kernel_timeout", type=float, default=150.0)
+    p.add_argument("--kernel_workers", type=int, default=-1,
+                   help="pytest-xdist processes for the kernel tests (-1: min(8, cores) when xdist is installed; 0: one)")
     p.add_argument("--train_timeout", type=float, default=90.0)
     p.add_argument("--parts", default="kernels,blocks,train")
     p.add_argument("--workdir", default=ROOT, help="directory holding data/shakespeare_char")
