@@ -837,7 +837,8 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 # probability dropout in either branch (the Triton kernel has none); the residual dropout is kept.
 #
 # Cost per layer and head, T tokens, n = T/B blocks, k = as_k_max, r = as_score_dim: scoring,
-# selection and correction O(n^2 (r + d)) time, in ranges of query blocks of about 2^16 scores each,
+# selection and correction O(n^2 (r + d)) time, in ranges of query blocks of about 2^16 scores each
+# (2^22 on a GPU),
 # each range against only the key blocks it can see (about half the square); with several ranges and
 # more than 2^22 scores in all (over batch and heads; below that keeping them, <= ~40 MB, is cheaper
 # than torch's checkpointing) each range is recomputed in the backward, so autograd keeps
@@ -929,14 +930,18 @@ class AdaptiveSparseAttention(nn.Module):
 
     # the (nq, nk) scores in ranges of about select_chunk_scores scores per (batch, head), at least
     # select_min_blocks query blocks each (recomputed in the backward when there are several and the
-    # whole matrix exceeds select_recompute_scores entries)
-    select_chunk_scores, select_min_blocks, select_recompute_scores = 1 << 16, 64, 1 << 22
+    # whole matrix exceeds select_recompute_scores entries). None: 2^16 on the CPU (memory), 2^22 on a
+    # GPU, where each range's few dozen small launches cost more than its memory: at T = 128k (blocks
+    # of 64) 2^16 gave 32 ranges and a block whose host time was 7.6x its device time (results/gpu-h200)
+    select_chunk_scores, select_min_blocks, select_recompute_scores = None, 64, 1 << 22
+    select_chunk_scores_by_device = {"cpu": 1 << 16, "cuda": 1 << 22}
     budget_softness = 0.1  # width of the sigmoid in the expected kept count (in scorer mass)
 
     def scorer(self):
         """The scorer's parameters and the selection rule, for adaptive_sparse_attention."""
+        chunk = self.select_chunk_scores or self.select_chunk_scores_by_device.get(self.score_q.device.type, 1 << 16)
         return Scorer(self.score_q, self.score_k, self.score_log_temp, self.threshold, self.k_min, self.k_max,
-                      self.select_chunk_scores, self.select_min_blocks, self.select_recompute_scores,
+                      chunk, self.select_min_blocks, self.select_recompute_scores,
                       straight_through=not self.dense_equivalent,
                       first=self.force_first, softness=self.budget_softness if self.budget > 0 else 0.0)
 

@@ -383,6 +383,20 @@ def test_saved_memory_is_linear_in_the_number_of_blocks(budget):
     assert full > 2 * sizes[1], (full, sizes)
 
 
+def test_score_ranges_default_by_device():
+    """select_chunk_scores None: 2^16 scores per range on the CPU (memory), 2^22 on CUDA (launches);
+    a value set on the module wins."""
+    m = block(C=16, H=2, as_block=4)
+    assert m.select_chunk_scores is None and m.scorer().chunk_scores == 1 << 16
+    if torch.cuda.is_available():
+        assert m.to("cuda").scorer().chunk_scores == 1 << 22
+        m.to("cpu")
+    m.select_chunk_scores_by_device = {"cpu": 123}
+    assert m.scorer().chunk_scores == 123
+    m.select_chunk_scores = 5
+    assert m.scorer().chunk_scores == 5
+
+
 def test_gradcheck(monkeypatch):
     torch.manual_seed(1)
     Bk, nq, D = 3, 4, 5

@@ -285,6 +285,19 @@ def test_no_T_by_T_tensor():
     assert probe.largest < T * T // 16, probe.largest
 
 
+@pytest.mark.parametrize("r", [1, 2, 5, 10])
+def test_gray_rank_is_a_gray_code(r):
+    """Every sign pattern of r hyperplanes gets its own rank in [0, 2^r), and patterns of adjacent rank
+    differ in one hyperplane (so buckets adjacent in the sorted order are near in angle)."""
+    patterns = (torch.arange(2**r)[:, None] >> torch.arange(r)) & 1  # all 2^r sign patterns, (2^r, r)
+    rank = KH._kh_gray_rank(patterns.float() * 2 - 1)
+    assert torch.equal(rank.sort().values, torch.arange(2**r))
+    by_rank = patterns[rank.argsort()]
+    assert ((by_rank[1:] != by_rank[:-1]).sum(-1) == 1).all()
+    assert rank[0] == 0 and (rank >= 0).all()  # all negative: rank 0; leading dims pass through below
+    assert KH._kh_gray_rank(torch.randn(3, 4, 7, r)).shape == (3, 4, 7)
+
+
 def test_fixed_size_tiles_are_the_needed_tiles_plus_inactive_padding():
     g = torch.Generator().manual_seed(3)
     for G, SQ, rows, nb in ((3, 37, 8, 5), (2, 16, 16, 1), (4, 20, 4, 9)):
