@@ -23,10 +23,13 @@ from triton.compiler import ASTSource
 # largest dynamic shared memory one block may opt in to (CUDA programming guide, compute capabilities)
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
 
-# Register spills measured and not yet fixed ("module.case sm_XX"): reported as KNOWN, not failing the
-# run; tests/test_kernels_compile.py checks this set is exactly what spills, so fixing one (or a new
-# spill) shows. Shared memory over the limit always fails: that kernel would not launch.
-KNOWN_SPILLS = {
+# Register spills measured and not yet fixed ("module.case sm_XX": bytes), per Triton release (its code
+# generator decides what spills): reported as KNOWN, not failing the run; tests/test_kernels_compile.py
+# checks the installed release's set is exactly what spills, so fixing one (or a new spill) shows. A
+# release without a table has its spills reported, not failing. Shared memory over the limit always
+# fails: that kernel would not launch. requirements.txt pins the release CI runs (3.9); 3.6 is the
+# GPU machine's (results/gpu-h200), measured here with `python -m kernels.gpu_compile` under triton 3.6.0.
+KNOWN_SPILLS_BY_TRITON = {"3.9": {
     # float32 IEEE dots run on the FMA units, with their operands in registers
     "kernels.adaptive_sparse.bwd_kv_b16_d64_fp32 sm_80": 412, "kernels.adaptive_sparse.bwd_kv_b16_d64_fp32 sm_90": 448,
     "kernels.kernel_hashing.fwd_hashed_fp32_d64 sm_90": 164, "kernels.kernel_hashing.bwd_hashed_fp32_d64 sm_90": 144,
@@ -44,7 +47,26 @@ KNOWN_SPILLS = {
     "kernels.vq.vq_bwd_cache_L32_S512_dk96_dv768 sm_80": 4, "kernels.vq.vq_fwd_L32_S512_dk128_dv768 sm_90": 4,
     "kernels.vq.vq_bwd_cache_L32_S512_dk128_dv768 sm_80": 32, "kernels.vq.vq_fwd_L32_S1024_dk128_dv768 sm_90": 4,
     "kernels.vq.vq_bwd_cache_L32_S1024_dk128_dv768 sm_80": 32,
-}
+}, "3.6": {
+    # measured under triton 3.6.0 (the same 148 variants; 26 spill, 7 of them not under 3.9)
+    "kernels.adaptive_sparse.bwd_kv_b16_d64_fp32 sm_80": 52, "kernels.adaptive_sparse.bwd_kv_b16_d64_fp32 sm_90": 40,
+    "kernels.kernel_hashing.fwd_hashed_fp32_d64 sm_90": 364, "kernels.kernel_hashing.bwd_hashed_fp32_d64 sm_90": 116,
+    "kernels.kernel_hashing.bwd_diagonal_fp32_d64 sm_80": 48, "kernels.vq.vq_bwd_q_L16_S24_dk40_dv40 sm_80": 56,
+    "kernels.vq.vq_bwd_q_L12_S150_dk72_dv72 sm_80": 8, "kernels.vq.vq_bwd_cache_L12_S150_dk72_dv72 sm_80": 20,
+    "kernels.vq.vq_lse_L12_S200_dk40_dv100 sm_80": 4, "kernels.vq.vq_lse_L12_S200_dk40_dv100 sm_90": 12,
+    "kernels.vq.vq_bwd_q_L12_S200_dk40_dv100 sm_80": 68, "kernels.vq.vq_bwd_q_L12_S200_dk40_dv100 sm_90": 16,
+    "kernels.vq.vq_bwd_cache_L12_S200_dk40_dv100 sm_80": 24, "kernels.vq.vq_bwd_cache_L32_S128_dk128_dv384 sm_80": 28,
+    "kernels.vq.vq_bwd_cache_L32_S128_dk128_dv384 sm_90": 24, "kernels.vq.vq_bwd_q_L32_S512_dk64_dv768 sm_80": 1508,
+    "kernels.vq.vq_bwd_q_L32_S512_dk64_dv768 sm_90": 1320, "kernels.vq.vq_bwd_cache_L32_S512_dk64_dv768 sm_90": 20,
+    "kernels.vq.vq_bwd_kv_L32_S512_dk64_dv768 sm_80": 604, "kernels.vq.vq_bwd_kv_L32_S512_dk64_dv768 sm_90": 480,
+    "kernels.vq.vq_bwd_cache_L32_S512_dk96_dv768 sm_80": 28, "kernels.vq.vq_bwd_cache_L32_S512_dk96_dv768 sm_90": 28,
+    "kernels.vq.vq_bwd_cache_L32_S512_dk128_dv768 sm_80": 12,
+    "kernels.vq.vq_bwd_cache_L32_S512_dk128_dv768 sm_90": 28,
+    "kernels.vq.vq_bwd_cache_L32_S1024_dk128_dv768 sm_80": 12,
+    "kernels.vq.vq_bwd_cache_L32_S1024_dk128_dv768 sm_90": 28,
+}}
+TRITON_RELEASE = ".".join(triton.__version__.split(".")[:2])
+KNOWN_SPILLS = KNOWN_SPILLS_BY_TRITON.get(TRITON_RELEASE)  # None: this release's spills were not measured
 
 
 def compile_for(fn, signature, constexprs, capability, num_warps=4):
@@ -117,6 +139,11 @@ def _job(args):
     return mod_name, name, cc, use, "; ".join(problems(use, cc))
 
 
+def verdict(key, known_spills):
+    """How a kernel over a limit is reported: KNOWN (in the release's table), UNMEASURED (no table), FAIL."""
+    return "UNMEASURED" if KNOWN_SPILLS is None else "KNOWN" if key in known_spills else "FAIL"
+
+
 def main(argv=None):
     """Compile every declared kernel for the chosen targets; print registers, spills and shared
     memory; exit 1 if any kernel fails the limits."""
@@ -132,6 +159,9 @@ def main(argv=None):
     lists = ("COMPILE_CASES", "EXTRA_COMPILE_CASES") if a.all else ("COMPILE_CASES",)
     jobs = [(mod.__name__, attr, i, cc) for mod in kernel_modules() for attr in lists
             for i, case in enumerate(getattr(mod, attr, ())) for cc in a.arch if a.filter in f"{mod.__name__}.{case[0]}"]
+    known_spills = KNOWN_SPILLS if KNOWN_SPILLS is not None else {}
+    print(f"triton {triton.__version__}: " + (f"spills checked against the {TRITON_RELEASE} table" if KNOWN_SPILLS
+          is not None else "no spill table for this release: spills are reported (UNMEASURED), not failures"))
     bad = []
     with ProcessPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         for mod_name, name, cc, use, why in pool.map(_job, jobs):
@@ -140,9 +170,9 @@ def main(argv=None):
             else:
                 print(f"{mod_name}.{name} sm_{cc}: {use['registers']} registers, {use['spill_bytes']} bytes spilled, "
                       f"{use['shared_bytes']} bytes shared (limit {SHARED_LIMIT[cc]})"
-                      + (f"  {'KNOWN' if f'{mod_name}.{name} sm_{cc}' in KNOWN_SPILLS else 'FAIL'}: {why}" if why else ""),
+                      + (f"  {verdict(f'{mod_name}.{name} sm_{cc}', known_spills)}: {why}" if why else ""),
                       flush=True)
-            known = f"{mod_name}.{name} sm_{cc}" in KNOWN_SPILLS and use is not None \
+            known = (KNOWN_SPILLS is None or f"{mod_name}.{name} sm_{cc}" in known_spills) and use is not None \
                 and use["shared_bytes"] <= SHARED_LIMIT[cc]
             if why and not known:
                 bad.append(f"{mod_name}.{name} sm_{cc}: {why}")

@@ -53,7 +53,8 @@ def test_tiny_run_writes_csv_md_png_and_readme(tmp_path):
                 d["ms"] for d in rows if d["attention"] == "dense" and d["T"] == x["T"])), float(x["ms"]))
         md = (out / f"bench_{what}.md").read_text()
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-        for fact in (cpu, "torch: " + bench.torch.__version__, "device: cpu", "python bench.py " + " ".join(args)):
+        device = "cuda" if bench.torch.cuda.is_available() else "cpu"  # device=auto
+        for fact in (cpu, "torch: " + bench.torch.__version__, f"device: {device}", "python bench.py " + " ".join(args)):
             assert fact in md, fact
         for name in ATTENTION:
             assert f"| {name} |" in md
