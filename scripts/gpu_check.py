@@ -1,4 +1,4 @@
-"""The prepared GPU check: one command, about 8 minutes on one H100/H200, no downloads.
+"""The prepared GPU check: one command, about 2 minutes on one H200 (results/gpu-h200), no downloads.
 
     python scripts/gpu_check.py OUT_DIR            # on a CUDA machine
     python scripts/gpu_check.py OUT_DIR --smoke    # CPU, tiny sizes, about a minute (CI)
