@@ -838,7 +838,7 @@ ATTENTION["kernel-hashing"] = KernelHashingAttention
 #
 # Cost per layer and head, T tokens, n = T/B blocks, k = as_k_max, r = as_score_dim: scoring,
 # selection and correction O(n^2 (r + d)) time, in ranges of query blocks of about 2^16 scores each
-# (2^22 on a GPU),
+# (2^22 on a GPU, where up to that many per (batch, head) may be kept),
 # each range against only the key blocks it can see (about half the square); with several ranges and
 # more than 2^22 scores in all (over batch and heads; below that keeping them, <= ~40 MB, is cheaper
 # than torch's checkpointing) each range is recomputed in the backward, so autograd keeps
@@ -932,7 +932,9 @@ class AdaptiveSparseAttention(nn.Module):
     # select_min_blocks query blocks each (recomputed in the backward when there are several and the
     # whole matrix exceeds select_recompute_scores entries). None: 2^16 on the CPU (memory), 2^22 on a
     # GPU, where each range's few dozen small launches cost more than its memory: at T = 128k (blocks
-    # of 64) 2^16 gave 32 ranges and a block whose host time was 7.6x its device time (results/gpu-h200)
+    # of 64) 2^16 gave 32 ranges and a block whose host time was 7.6x its device time; with one range
+    # it ran 12.8x faster and its peak memory rose from 552 to 705 MiB (results/gpu-h200). Up to 2^22
+    # scores (16 MB) per (batch, head) may then be kept: memory stays linear in T beyond that constant.
     select_chunk_scores, select_min_blocks, select_recompute_scores = None, 64, 1 << 22
     select_chunk_scores_by_device = {"cpu": 1 << 16, "cuda": 1 << 22}
     budget_softness = 0.1  # width of the sigmoid in the expected kept count (in scorer mass)
