@@ -33,3 +33,26 @@ def test_gpu_check_smoke(tmp_path):
 def test_gpu_check_help():
     r = run([f"{ROOT}/scripts/gpu_check.py", "--help"])
     assert r.returncode == 0 and "--smoke" in r.stdout
+
+
+def test_junit_counts_sum_the_suites(tmp_path):
+    import sys
+    sys.path.insert(0, f"{ROOT}/scripts")
+    import gpu_check
+    (tmp_path / "r.xml").write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/>'
+                                    '<testsuite tests="3" failures="0" errors="1" skipped="0"/></testsuites>')
+    assert gpu_check.junit_counts(tmp_path / "r.xml") == {"tests": 8, "failures": 1, "errors": 1, "skipped": 2}
+    assert gpu_check.junit_counts(tmp_path / "missing.xml") == {}
+
+
+def test_profile_block_writes_its_table_and_rejects_bad_input(tmp_path):
+    r = run([f"{ROOT}/scripts/profile_block.py", "--attention=vq,adaptive-sparse", "--T=128", "--steps=1",
+             "--warmup=1", "--rows=5", f"--out={tmp_path}"], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("vq", "adaptive-sparse"):
+        text = (tmp_path / f"profile_{name}_T128.txt").read_text()
+        assert text.startswith(f"{name} T=128 B=1 n_head=6") and "Self CPU time total" in text
+    r = run([f"{ROOT}/scripts/profile_block.py", "--attention=nope"])
+    assert r.returncode == 2 and "unknown attention 'nope'" in r.stderr and "Traceback" not in r.stderr
+    r = run([f"{ROOT}/scripts/profile_block.py", "--help"])
+    assert r.returncode == 0 and "torch.profiler" in r.stdout

@@ -294,8 +294,10 @@ def test_gray_rank_is_a_gray_code(r):
     assert torch.equal(rank.sort().values, torch.arange(2**r))
     by_rank = patterns[rank.argsort()]
     assert ((by_rank[1:] != by_rank[:-1]).sum(-1) == 1).all()
-    assert rank[0] == 0 and (rank >= 0).all()  # all negative: rank 0; leading dims pass through below
-    assert KH._kh_gray_rank(torch.randn(3, 4, 7, r)).shape == (3, 4, 7)
+    assert rank[0] == 0  # all negative: rank 0; the same ranks as before (buckets of earlier runs) below
+    proj = torch.randn(3, 4, 7, r)
+    binary = (proj > 0).long().cumsum(-1) & 1  # the definition: binary bit i = XOR of the Gray bits up to i
+    assert torch.equal(KH._kh_gray_rank(proj), (binary * 2 ** torch.arange(r - 1, -1, -1)).sum(-1))
 
 
 def test_fixed_size_tiles_are_the_needed_tiles_plus_inactive_padding():
