@@ -234,33 +234,51 @@ def _window_table(q, bias, n, C, L):
                       bias.new_full((B, H, n, C, 1), float("-inf"))], -1)
 
 
+# The three chunk products below run over the chunks of every (batch, head) flattened into one batch
+# of matrices, so each term is one bmm written into its place (out= or baddbmm_) with no temporary of
+# the output's size (at 32k each such temporary is 32-64 MiB, mapped and faulted in afresh). "The
+# block before" chunk i is then the end of flat chunk i - 1, which for the first chunk of a (batch,
+# head) belongs to the previous one: that pairing is overwritten (_chunk_scores) or meets weights
+# that are exactly zero there (_chunk_mix, _chunk_mix_t: the first chunk's before-columns are
+# probabilities of -inf logits, or gradients through them), so it adds nothing, given finite inputs.
+
+def _chunks(t):
+    """(B, H, n, C, d) -> (B H n, C, d): a view where the layout allows (a slice of a wider buffer's
+    columns included), else a copy."""
+    return t.reshape(-1, *t.shape[-2:])
+
+
 def _chunk_scores(x, y, L, before_first, out=None):
     """s = x [y_before | y_chunk]^T per chunk: x, y (B, H, n, C, d) -> (B, H, n, C, L+C), where
     y_before is the last block of the previous chunk; before_first fills the first chunk's.
     out: a (B, H, n, C, L+C) view to write into (the columns of a wider buffer)."""
     B, H, n, C, _ = x.shape
     s = x.new_empty(B, H, n, C, L + C) if out is None else out
-    s[..., L:] = x @ y.transpose(-1, -2)
-    s[:, :, 0, :, :L] = before_first
-    s[:, :, 1:, :, :L] = x[:, :, 1:] @ y[:, :, :-1, C - L:].transpose(-1, -2)
+    sf, xf, yf = s.view(-1, C, L + C), _chunks(x), _chunks(y)
+    torch.bmm(xf, yf.transpose(1, 2), out=sf[..., L:])
+    torch.bmm(xf[1:], yf[:-1, C - L:].transpose(1, 2), out=sf[1:, :, :L])
+    s[:, :, 0, :, :L] = before_first  # after the product: it paired (b, h)'s first chunk with the one before
     return s
 
 
 def _chunk_mix(a, y, L):
-    """The product back: a [y_before | y_chunk], a (B, H, n, C, L+C) -> (B, H, n, C, d)."""
-    C = y.shape[3]
-    o = a[..., L:] @ y
-    o[:, :, 1:] += a[:, :, 1:, :, :L] @ y[:, :, :-1, C - L:]
-    return o
+    """The product back: a [y_before | y_chunk], a (B, H, n, C, L+C) -> (B, H, n, C, d), the first
+    chunk's before-columns of a being zero."""
+    B, H, n, C, d = y.shape
+    af, yf = _chunks(a), _chunks(y)
+    o = torch.bmm(af[..., L:], yf)
+    o[1:].baddbmm_(af[1:, :, :L], yf[:-1, C - L:])
+    return o.view(B, H, n, C, d)
 
 
 def _chunk_mix_t(a, x, L):
     """The transposed product: a^T x, each chunk's first L columns of a landing on the last
-    block of the previous chunk (nothing for the first chunk's)."""
-    C = x.shape[3]
-    o = a[..., L:].transpose(-1, -2) @ x
-    o[:, :, :-1, C - L:] += a[:, :, 1:, :, :L].transpose(-1, -2) @ x[:, :, 1:]
-    return o
+    block of the previous chunk (nothing for the first chunk's, whose before-columns are zero)."""
+    B, H, n, C, d = x.shape
+    af, xf = _chunks(a), _chunks(x)
+    o = torch.bmm(af[..., L:].transpose(1, 2), xf)
+    o[:-1, C - L:].baddbmm_(af[1:, :, :L].transpose(1, 2), xf[1:])
+    return o.view(B, H, n, C, d)
 
 
 class _ChunkProbs(torch.autograd.Function):
@@ -277,9 +295,9 @@ class _ChunkProbs(torch.autograd.Function):
         B, H, n, C, dk = q.shape
         S = codebook.shape[1]
         a = q.new_empty(B, H, n, C, S + L + C)
-        s_cache = (q.reshape(B, H, n * C, dk) @ codebook.transpose(-1, -2)).view(B, H, n, C, S)
-        torch.add(s_cache, logn.unsqueeze(3), out=a[..., :S])
-        del s_cache
+        codes_t = codebook.transpose(-1, -2).expand(B, H, dk, S).reshape(B * H, dk, S)
+        torch.bmm(q.reshape(B * H, n * C, dk), codes_t, out=a[..., :S].view(B * H, n * C, S))
+        a[..., :S] += logn.unsqueeze(3)
         _chunk_scores(q, k, L, float("-inf"), out=a[..., S:])
         a[..., S:] += torch.gather(table, -1, idx.expand(B, H, n, C, L + C))
         torch.softmax(a, -1, out=a)  # in place: each row is read whole (its max) before it is written
@@ -332,7 +350,8 @@ class _ChunkMix(torch.autograd.Function):
         n_inv = 1 / counts.clamp(min=1).unsqueeze(-1)  # (B, H, n, S, 1)
         da = torch.empty_like(a)
         _chunk_scores(do, v, L, 0.0, out=da[..., S:])
-        torch.mul(do @ U.transpose(-1, -2), n_inv.transpose(-1, -2), out=da[..., :S])
+        torch.bmm(_chunks(do), _chunks(U).transpose(1, 2), out=da[..., :S].view(-1, do.shape[3], S))
+        da[..., :S] *= n_inv.transpose(-1, -2)
         dv = _chunk_mix_t(a[..., S:], do, L)
         dU = (a[..., :S].transpose(-1, -2) @ do).mul_(n_inv)
         return da, dv, dU, None, None
