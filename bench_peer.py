@@ -42,7 +42,9 @@ ours under torch.no_grad() in eval mode and theirs with is_train=False, jit-comp
 training mode (gathering codebook statistics) and theirs jax.value_and_grad over every parameter
 (including its codebook's surrogate loss) and x, jit-compiled. Peak memory (mem=True): a fresh child
 process per case runs it once (warm), resets the resident-set high-water mark, runs it again and
-reports VmHWM minus the resident set before that run.
+reports VmHWM minus the resident set before that run. XLA keeps its buffers between calls, so that probe
+sees little of the official code's in a warm run; with mem=True the report adds XLA's compiled memory plan
+of the official forward and training step (scratch plus outputs, jax's memory_analysis) next to ours.
 
 Writes <out>/peer.md (tables, command, machine facts) and <out>/peer.csv.
 """
@@ -324,6 +326,27 @@ def make_cases(cfg, Tn):
             "ours fwd": ours["ours fwd"], "official fwd": lambda: jax.block_until_ready(fw(p, xj))}
 
 
+def official_plan(cfg, Tn):
+    """XLA's memory plan of the official code's compiled forward and training step at Tn: scratch buffers
+    plus outputs (temp_size + output_size of jax's memory_analysis), MiB: {"fwd": ., "fwdbwd": .}, or
+    None where this jax does not report it. A plan, not a reading: XLA keeps its buffers between calls, so
+    the resident-set probe sees little of them in a warm run."""
+    import jax
+    unit, x, G, _ = ours_cases(cfg, Tn)
+    fb, mod = build_theirs(cfg, True, Tn)
+    fw, _ = build_theirs(cfg, False, Tn)
+    p = theirs_params(unit, mod, cfg)
+    xj, Gj = jax.numpy.asarray(x.numpy()), jax.numpy.asarray(G.numpy())
+    out = {}
+    for mode, fn, args in (("fwd", fw, (p, xj)), ("fwdbwd", fb, (p, xj, Gj))):
+        try:
+            m = fn.lower(*args).compile().memory_analysis()
+            out[mode] = (m.temp_size_in_bytes + m.output_size_in_bytes) / 2**20
+        except (AttributeError, TypeError, NotImplementedError):
+            return None
+    return out
+
+
 def round_order(names, r, order):
     """The cases of round r: the same order every round ('fixed'), or the rows of a Williams Latin
     square in turn ('balanced'): over len(names) rounds (twice that for an odd count) each case runs
@@ -452,6 +475,18 @@ def write_report(cfg, argv, checks, rows):
         md.append(f"Runs per case (at most {cfg['repeats']}, round-robin, order {cfg['order']}, pause {cfg['pause']:g} s, "
                   f"malloc {cfg['malloc']}): "
                   + "; ".join(f"T={r['T']}: {r['runs']}" for r in rows) + ".")
+        if any(r.get("plan_official_fwd_mib") is not None for r in rows):
+            md += ["", "## The official code's memory plan (MiB)", "",
+                   "XLA keeps its buffers from one call to the next, so the resident-set probe above sees little of "
+                   "them in a warm run. Its compiled plan (jax's memory_analysis: scratch buffers plus outputs) "
+                   "against our probe's peak (which includes the output too):", "",
+                   "| T | ours fwd (probe) | official fwd (plan) | ours / official | ours fwd+bwd (probe) "
+                   "| official fwd+bwd (plan) | ours / official |", "|---|---|---|---|---|---|---|"]
+            ratio = lambda a, b: "-" if a is None or not b else f"{a / b:.2f}"  # noqa: E731
+            md += [f"| {r['T']} | {f(r['mem_ours_fwd_mib'])} | {f(r['plan_official_fwd_mib'])} | "
+                   f"{ratio(r['mem_ours_fwd_mib'], r['plan_official_fwd_mib'])} | {f(r['mem_ours_fwdbwd_mib'])} | "
+                   f"{f(r['plan_official_fwdbwd_mib'])} | {ratio(r['mem_ours_fwdbwd_mib'], r['plan_official_fwdbwd_mib'])} |"
+                   for r in rows]
     else:
         md.append("No timing in this run (T empty).")
     configurator.write_atomic(os.path.join(cfg["out"], "peer.md"), "\n".join(md) + "\n")
@@ -554,6 +589,9 @@ def main(argv):
             for mode in ("fwd", "fwdbwd"):
                 row[f"mem_{who}_{mode}_mib"] = measure_mem(argv, "ours" if who == "ours" else "theirs", mode, t) \
                     if cfg["mem"] else None
+        plan = official_plan(cfg, t) if cfg["mem"] else None
+        row["plan_official_fwd_mib"] = plan and plan["fwd"]
+        row["plan_official_fwdbwd_mib"] = plan and plan["fwdbwd"]
         rows.append(row)
         print(f"T={t}: " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     print("wrote " + ", ".join(write_report(cfg, argv, errs, rows)))

@@ -90,3 +90,14 @@ def test_agreement_check_can_fail():
     _peer_or_skip()
     err = bench_peer.check(dict(TINY, pe_lam=1e5), 64)
     assert err["y"] > 1e-3 and err["dxl_w"] > 1e-3, err
+
+
+def test_official_memory_plan_is_reported():
+    """XLA's plan of the official unit: scratch plus outputs, the training step's larger than the forward's
+    and at least its outputs (the output y, T x d_model floats)."""
+    _peer_or_skip()
+    plan = bench_peer.official_plan(TINY, 64)
+    if plan is None:
+        pytest.skip("this jax reports no memory_analysis")
+    out_mib = TINY["batch"] * 64 * TINY["d_model"] * 4 / 2**20
+    assert plan["fwd"] >= out_mib and plan["fwdbwd"] > plan["fwd"], plan
