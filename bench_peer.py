@@ -50,6 +50,7 @@ Writes <out>/peer.md (tables, command, machine facts) and <out>/peer.csv.
 """
 
 import csv
+import gc
 import io
 import json
 import os
@@ -403,6 +404,7 @@ def run_mem_case(cfg):
     name = ("ours " if who == "ours" else "official ") + ("fwd+bwd" if mode == "fwdbwd" else "fwd")
     fn = make_cases(cfg, int(Tn))[name]
     fn()
+    gc.collect()  # the warm run's garbage in reference cycles, else freed during the measured run (an under-read)
     base = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
