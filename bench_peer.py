@@ -42,9 +42,10 @@ ours under torch.no_grad() in eval mode and theirs with is_train=False, jit-comp
 training mode (gathering codebook statistics) and theirs jax.value_and_grad over every parameter
 (including its codebook's surrogate loss) and x, jit-compiled. Peak memory (mem=True): a fresh child
 process per case runs it once (warm), resets the resident-set high-water mark, runs it again and
-reports VmHWM minus the resident set before that run. XLA keeps its buffers between calls, so that probe
-sees little of the official code's in a warm run; with mem=True the report adds XLA's compiled memory plan
-of the official forward and training step (scratch plus outputs, jax's memory_analysis) next to ours.
+reports VmHWM minus the resident set before that run (the warm run's garbage collected first: freed during
+the measured run, it made the probe under-read). With mem=True the report adds XLA's compiled memory plan of
+the official forward and training step (scratch plus outputs, jax's memory_analysis), a cross-check of the
+probe's reading of the official code.
 
 Writes <out>/peer.md (tables, command, machine facts) and <out>/peer.csv.
 """
@@ -330,8 +331,7 @@ def make_cases(cfg, Tn):
 def official_plan(cfg, Tn):
     """XLA's memory plan of the official code's compiled forward and training step at Tn: scratch buffers
     plus outputs (temp_size + output_size of jax's memory_analysis), MiB: {"fwd": ., "fwdbwd": .}, or
-    None where this jax does not report it. A plan, not a reading: XLA keeps its buffers between calls, so
-    the resident-set probe sees little of them in a warm run."""
+    None where this jax does not report it. A plan, not a reading: it cross-checks the probe."""
     import jax
     unit, x, G, _ = ours_cases(cfg, Tn)
     fb, mod = build_theirs(cfg, True, Tn)
@@ -479,9 +479,9 @@ def write_report(cfg, argv, checks, rows):
                   + "; ".join(f"T={r['T']}: {r['runs']}" for r in rows) + ".")
         if any(r.get("plan_official_fwd_mib") is not None for r in rows):
             md += ["", "## The official code's memory plan (MiB)", "",
-                   "XLA keeps its buffers from one call to the next, so the resident-set probe above sees little of "
-                   "them in a warm run. Its compiled plan (jax's memory_analysis: scratch buffers plus outputs) "
-                   "against our probe's peak (which includes the output too):", "",
+                   "XLA's compiled plan of the official code (jax's memory_analysis: scratch buffers plus outputs), "
+                   "a cross-check of the probe's reading above, against our probe's peak (which includes the "
+                   "output too):", "",
                    "| T | ours fwd (probe) | official fwd (plan) | ours / official | ours fwd+bwd (probe) "
                    "| official fwd+bwd (plan) | ours / official |", "|---|---|---|---|---|---|---|"]
             ratio = lambda a, b: "-" if a is None or not b else f"{a / b:.2f}"  # noqa: E731
