@@ -316,33 +316,38 @@ def ours_cases(cfg, Tn):
     return unit, x, G, {"ours fwd+bwd": ours_fwdbwd, "ours fwd": ours_fwd}
 
 
-def make_cases(cfg, Tn):
-    """{case: zero-argument function running it once, synchronously}."""
+def both_units(cfg, Tn):
+    """Our cases (ours_cases) and the official code's jitted steps with their arguments, our weights loaded:
+    (ours, {"fwd+bwd": (fn, args), "fwd": (fn, args)})."""
     import jax
     unit, x, G, ours = ours_cases(cfg, Tn)
     fb, mod = build_theirs(cfg, True, Tn)
     fw, _ = build_theirs(cfg, False, Tn)
     p = theirs_params(unit, mod, cfg)
     xj, Gj = jax.numpy.asarray(x.numpy()), jax.numpy.asarray(G.numpy())
-    return {"ours fwd+bwd": ours["ours fwd+bwd"], "official fwd+bwd": lambda: jax.block_until_ready(fb(p, xj, Gj)),
-            "ours fwd": ours["ours fwd"], "official fwd": lambda: jax.block_until_ready(fw(p, xj))}
+    return ours, {"fwd+bwd": (fb, (p, xj, Gj)), "fwd": (fw, (p, xj))}
+
+
+def make_cases(cfg, Tn):
+    """{case: zero-argument function running it once, synchronously}."""
+    import jax
+    ours, theirs = both_units(cfg, Tn)
+    cases = dict(ours)
+    for mode, (fn, args) in theirs.items():
+        cases[f"official {mode}"] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
+    return {c: cases[c] for c in ("ours fwd+bwd", "official fwd+bwd", "ours fwd", "official fwd")}
 
 
 def official_plan(cfg, Tn):
     """XLA's memory plan of the official code's compiled forward and training step at Tn: scratch buffers
     plus outputs (temp_size + output_size of jax's memory_analysis), MiB: {"fwd": ., "fwdbwd": .}, or
     None where this jax does not report it. A plan, not a reading: it cross-checks the probe."""
-    import jax
-    unit, x, G, _ = ours_cases(cfg, Tn)
-    fb, mod = build_theirs(cfg, True, Tn)
-    fw, _ = build_theirs(cfg, False, Tn)
-    p = theirs_params(unit, mod, cfg)
-    xj, Gj = jax.numpy.asarray(x.numpy()), jax.numpy.asarray(G.numpy())
+    _, theirs = both_units(cfg, Tn)
     out = {}
-    for mode, fn, args in (("fwd", fw, (p, xj)), ("fwdbwd", fb, (p, xj, Gj))):
+    for mode, (fn, args) in theirs.items():
         try:
             m = fn.lower(*args).compile().memory_analysis()
-            out[mode] = (m.temp_size_in_bytes + m.output_size_in_bytes) / 2**20
+            out[mode.replace("+", "")] = (m.temp_size_in_bytes + m.output_size_in_bytes) / 2**20
         except (AttributeError, TypeError, NotImplementedError):
             return None
     return out

@@ -941,7 +941,8 @@ class AdaptiveSparseAttention(nn.Module):
 
     def scorer(self):
         """The scorer's parameters and the selection rule, for adaptive_sparse_attention."""
-        chunk = self.select_chunk_scores or self.select_chunk_scores_by_device.get(self.score_q.device.type, 1 << 16)
+        by_device = self.select_chunk_scores_by_device
+        chunk = self.select_chunk_scores or by_device.get(self.score_q.device.type, by_device["cpu"])
         return Scorer(self.score_q, self.score_k, self.score_log_temp, self.threshold, self.k_min, self.k_max,
                       chunk, self.select_min_blocks, self.select_recompute_scores,
                       straight_through=not self.dense_equivalent,

@@ -145,8 +145,9 @@ def gpu_knobs(name, scale):
     return knobs, os.path.relpath(path, ROOT)
 
 
-def time_block(name, T, device, scale, repeats, item_limit):
-    """(median ms, peak MiB, runs) of one fwd+bwd of the block at T."""
+def block_step(name, T, device, scale):
+    """(step, dtype): step() runs one fwd+bwd, from fresh gradients, of one block of the attention at T
+    (B=1, 6 heads of 64, n_embd 384, the knobs of gpu_knobs), on a fixed random input."""
     import torch
 
     import bench
@@ -165,7 +166,15 @@ def time_block(name, T, device, scale, repeats, item_limit):
         with ctx:
             loss = module(x).float().pow(2).mean()
         loss.backward()
+    return step, dtype
 
+
+def time_block(name, T, device, scale, repeats, item_limit):
+    """(median ms, peak MiB, runs) of one fwd+bwd of the block at T."""
+    import torch
+
+    import bench
+    step, dtype = block_step(name, T, device, scale)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -177,7 +186,7 @@ def time_block(name, T, device, scale, repeats, item_limit):
     while len(times) < repeats and (not times or spent + (sum(times) / len(times)) / 1000 < item_limit):
         times.append(bench.timed(step, torch.device(device).type))
         spent = time.time() - t
-    del module, x, leaves
+    del step
     return statistics.median(times) if times else first, peak, len(times), dtype
 
 

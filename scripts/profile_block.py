@@ -20,23 +20,10 @@ def profile(name, T, device, steps, warmup, rows):
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    import bench
     import gpu_check
-    from model import ATTENTION, GPTConfig
-    knobs, source = gpu_check.gpu_knobs(name, "gpu" if device == "cuda" else "cpu")
-    torch.manual_seed(0)
-    cfg = GPTConfig(**{**knobs, "n_embd": 384, "n_head": 6, "block_size": T, "attention": name, "dropout": 0.0})
-    module = ATTENTION[name](cfg).to(device).train()
-    x = torch.randn(1, T, cfg.n_embd, device=device, requires_grad=True)
-    ctx, dtype = bench.autocast_context(device, "auto")
-
-    def step():
-        x.grad = None
-        module.zero_grad(set_to_none=True)
-        with ctx:
-            loss = module(x).float().pow(2).mean()
-        loss.backward()
-
+    scale = "gpu" if device == "cuda" else "cpu"
+    step, dtype = gpu_check.block_step(name, T, device, scale)
+    source = gpu_check.gpu_knobs(name, scale)[1]
     for _ in range(warmup):
         step()
     if device == "cuda":
