@@ -429,39 +429,47 @@ class VQGatedUnit(nn.Module):
         C = G * L
         P = max(1, (self.stream_len or STREAM_LOGITS // (B * H * (S + L + C))) // C) * C
         rel, cb = self._rel(x.device), self.codebook()
-        prev = counts = sums = None
-        y, commit = None, 0.0
+        prev = counts = sums = y = None
+        commit = 0.0
         self.last_counts.zero_()
         for s0 in range(0, T, P):
-            q, k, v, g = self._project(x[:, s0:s0 + P])
-            z, k_hat, err = self.quantize(k)
-            if counts is None:  # the cache in the values' dtype (float32 at least), as the training path's
-                counts, sums = v.new_zeros(B, H, S), v.new_zeros(B, H, S, v.shape[-1])
-            commit = commit + err.sum()
-            self.last_counts.scatter_add_(1, z.transpose(0, 1).reshape(H, -1),
-                                          torch.ones(H, z.numel() // H, device=x.device, dtype=self.last_counts.dtype))
             carry = None if prev is None else (counts, sums, *prev)
-            o = vq_attention(self._content_q(q), k_hat, z, v, cb, L, self._window_bias(q, rel), G, carry)
-            out = self._out(o, g)
-            if y is None:
-                y = out.new_empty(B, T, out.shape[-1])
+            out, piece, err = self._stream_piece(x[:, s0:s0 + P], rel, cb, G, carry)
+            if y is None:  # the cache in the values' dtype (float32 at least), as the training path's
+                y, v = out.new_empty(B, T, out.shape[-1]), piece[1]
+                counts, sums = v.new_zeros(B, H, S), v.new_zeros(B, H, S, v.shape[-1])
             y[:, s0:s0 + P] = out
+            commit = commit + err
             if s0 + P < T:  # the keys before the next piece's previous block enter the cache
+                k_hat, v, z = piece
                 if prev is not None:
                     vq_cache_fold(counts, sums, prev[2], prev[1])
                 vq_cache_fold(counts, sums, z[:, :, :P - L], v[:, :, :P - L])
-                prev = (k_hat[:, :, P - L:], v[:, :, P - L:], z[:, :, P - L:])
+                prev = tuple(t[:, :, P - L:].clone() for t in piece)
+                out = piece = carry = k_hat = v = z = None  # freed before the next piece is projected
         self.last_commit = self.beta * commit / (B * T)
         self.aux_loss = None
         if not keep_state:
             return y
         # decode's window starts at w0; the kept keys (block before the last piece, the last piece) start at p0
+        k_hat, v, z = piece
         pk, pv, pz = prev if prev is not None else (k_hat[:, :, :0], v[:, :, :0], z[:, :, :0])
         p0, w0 = s0 - pk.shape[2], max(0, (T // L - 1) * L)
         wk, wv, wz = torch.cat([pk, k_hat], 2), torch.cat([pv, v], 2), torch.cat([pz, z], 2)
         cut = w0 - p0  # the kept positions before the window enter the cache
         vq_cache_fold(counts, sums, wz[:, :, :cut], wv[:, :, :cut])
         return y, dict(pos=T, w0=w0, k=wk[:, :, cut:], v=wv[:, :, cut:], z=wz[:, :, cut:], N=counts, U=sums)
+
+    def _stream_piece(self, x, rel, cb, G, carry):
+        """One piece of _stream: its output, (quantized keys, values, codes) and summed squared
+        quantization error; counts its codes into last_counts."""
+        q, k, v, g = self._project(x)
+        z, k_hat, err = self.quantize(k)
+        H = self.H
+        self.last_counts.scatter_add_(1, z.transpose(0, 1).reshape(H, -1),
+                                      torch.ones(H, z.numel() // H, device=x.device, dtype=self.last_counts.dtype))
+        o = vq_attention(self._content_q(q), k_hat, z, v, cb, self.L, self._window_bias(q, rel), G, carry)
+        return self._out(o, g), (k_hat, v, z), err.sum()
 
     # ---- decoding: the window (previous + current block) and per-code counts / value sums
     @torch.no_grad()

@@ -389,22 +389,20 @@ def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G, carry=None):
 @torch.no_grad()
 def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
     """vq_chunk_attention_torch without autograd (evaluation, the streaming forward), in fewer passes
-    over memory: every key is a codeword, so one product q C^T makes the logits against the codes
-    and the window's are gathered from it at the keys' codes (k itself is not read); one value matrix
-    per chunk [U / N | block before | chunk] (W = S + L + C rows) lets one softmax normalise the
-    logits and one product make the output. The chunk caches are built by one index_add over the
-    values at rows (chunk, code), each position at the first chunk whose cache holds it, then a sum
-    over chunks, written divided by the counts into the value matrices. Same arguments and result."""
+    over memory and with no buffer beyond the logits, the caches and the output: every key is a
+    codeword, so one product q C^T, written into the logits, makes the logits against the codes and
+    the window's are gathered from it at the keys' codes (k itself is not read); the position bias is
+    added along the window's diagonals in place, the causal mask by a fill, and the softmax runs in
+    place. The chunk caches are built by one index_add over the values at rows (chunk, code), each
+    position at the first chunk whose cache holds it, then a sum over chunks, divided by the counts in
+    place. The output is two products per chunk, the cache's [U / N] and the window's values, the
+    latter a view of [block before the first chunk | v]. Same arguments and result."""
     B, H, Tp, dk = q.shape
     C, S, dv = G * L, codebook.shape[1], v.shape[-1]
     n, W, BH = Tp // C, S + L + C, B * H
-    vc, zc = v.view(B, H, n, C, dv), z.view(B, H, n, C)
-    V = v.new_empty(B, H, n, W, dv)
-    Z = z.new_zeros(B, H, n, L + C)
-    V[..., S + L:, :] = vc
-    V[:, :, 1:, S:S + L] = vc[:, :, :-1, C - L:]
-    Z[..., L:] = zc
-    Z[:, :, 1:, :L] = zc[:, :, :-1, C - L:]
+    # [block before the first chunk | every position]: chunk c's window (block before, chunk) is rows c C .. c C + L + C
+    vw, zw = v.new_zeros(BH, L + Tp, dv), z.new_zeros(BH, L + Tp)
+    vw[:, L:], zw[:, L:] = v.reshape(BH, Tp, dv), z.reshape(BH, Tp)
     # chunk c's cache holds the positions t < c C - L (and the carry's): t enters at chunk
     # (t + L) // C + 1, the carry's block (just before t = 0) at chunk 1; row n takes those no chunk reads
     U = v.new_zeros(BH * (n + 1) * S, dv)
@@ -417,28 +415,50 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
         counts.view(-1).index_add_(0, rows.reshape(-1), x.new_ones(()).expand(rows.numel()))
     U, counts = U.view(BH, n + 1, S, dv), counts.view(BH, n + 1, S)
     add((base + enter) * S + z.reshape(BH, Tp), v)
-    if carry is None:
-        V[:, :, 0, S:S + L] = 0  # no block before the first chunk (masked below)
-    else:
+    if carry is not None:
         counts0, sums0, pk, pv, pz = carry
-        V[:, :, 0, S:S + L], Z[:, :, 0, :L] = pv, pz
+        vw[:, :L], zw[:, :L] = pv.reshape(BH, L, dv), pz.reshape(BH, L)
         U[:, 0] += sums0.reshape(BH, S, dv)
         counts[:, 0] += counts0.reshape(BH, S)
         add((base + min(1, n)) * S + pz.reshape(BH, L), pv)
     _scan_rows_(U[:, :n])  # inclusive sums over chunks
-    counts = _scan_rows_(counts[:, :n]).view(B, H, n, S)
-    torch.div(U[:, :n].view(B, H, n, S, dv), counts.clamp(min=1).unsqueeze(-1), out=V[..., :S, :])
+    _scan_rows_(counts[:, :n])
+    U[:, :n] /= counts[:, :n].clamp(min=1).unsqueeze(-1)
+    logits = q.new_empty(BH, n, C, W)
     # every key is a codeword (k^_j = c_{z_j}), so q . k^_j is column z_j of q C^T: the window's
     # logits are gathered from the codes' instead of a second product against the keys
-    raw = (q.reshape(B, H, n * C, dk) @ codebook.to(q.dtype).transpose(-1, -2)).view(B, H, n, C, S)
-    logits = q.new_empty(B, H, n, C, W)
-    torch.add(raw, _log_counts(counts).unsqueeze(3), out=logits[..., :S])
-    torch.gather(raw, -1, Z.unsqueeze(3).expand(B, H, n, C, L + C), out=logits[..., S:])
-    logits[..., S:] += torch.gather(_window_table(q, bias, n, C, L), -1,
-                                    _window_index(C, L, L, q.device).expand(B, H, n, C, L + C))
+    code, lw = logits.view(B, H, n * C, W)[..., :S], logits[..., S:]
+    cb = codebook.to(q.dtype).transpose(-1, -2)
+    for h in range(H):
+        torch.bmm(q[:, h], cb[h].expand(B, dk, S), out=code[:, h])
+    torch.gather(logits[..., :S], -1, zw.as_strided((BH, n, C, L + C), (L + Tp, C, 0, 1)), out=lw)
+    logits[..., :S] += _log_counts(counts[:, :n]).unsqueeze(2)
+    # position bias d = 0..L of query i sits at window column L + i - d: a diagonal band of the logits
+    if bias is not None:
+        band = logits.as_strided((BH, n, C, L + 1), (n * C * W, C * W, W + 1, 1), logits.storage_offset() + S)
+        band += bias.reshape(BH, n, C, L + 1).flip(-1)
+    lw[..., L:].masked_fill_(_later(C, q.device), float("-inf"))
     if carry is None:
-        logits[:, :, 0, :, S:S + L] = float("-inf")
-    return (torch.softmax(logits, dim=-1) @ V).view(B, H, Tp, dv)
+        lw[:, 0, :, :L] = float("-inf")  # no block before the first chunk
+    a = torch._softmax(logits, -1, False, out=logits)
+    o = v.new_empty(BH, n, C, dv)
+    win = vw.as_strided((BH, n, L + C, dv), (vw.stride(0), C * dv, dv, 1))
+    for i in range(min(BH, n)):  # products over the longer of (batch x head, chunk)
+        at = (i,) if BH <= n else (slice(None), i)
+        torch.bmm(a[at][..., :S], U[:, :n][at], out=o[at])
+        o[at].baddbmm_(a[at][..., S:], win[at])
+    return o.view(B, H, Tp, dv)
+
+
+_LATER = {}
+
+
+def _later(C, device):
+    """(C, C) mask of the keys after each query within a chunk (kept per size and device)."""
+    key = (C, str(device))
+    if key not in _LATER:
+        _LATER[key] = torch.ones(C, C, dtype=torch.bool, device=device).triu(1)
+    return _LATER[key]
 
 
 # ------------------------------------------------------------------------------- entry point

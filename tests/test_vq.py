@@ -1,6 +1,8 @@
 """Transformer-VQ block (`--attention=vq`): identity with dense attention over the quantized
 keys, straight-through estimator, codebook EMA, compressive cache, causality, decoding, and the
 Triton kernels against the PyTorch path (TRITON_INTERPRET=1, see conftest.py)."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -514,6 +516,54 @@ def test_chunk_length_minimises_the_stated_cost(L, S, dk, dv, T):
     assert 1 <= G <= top and cost[G - 1] == pytest.approx(min(cost), rel=1e-12)
 
 
+def _peak_bytes(fn):
+    """fn() and the peak of the bytes it held allocated at once (the profiler's memory events), CPU."""
+    import json
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    live = peak = 0
+    for e in events:
+        if e.get("name") == "[memory]":
+            live += e["args"]["Bytes"]
+            peak = max(peak, live)
+    return out, peak
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_no_grad_path_holds_only_its_logits_caches_window_and_output(G):
+    """The no-grad chunked path's working set: the logits (n C W), the chunk caches and counts
+    ((n + 1) S (d_v + 1)), the window's values (L + T d_v) and the output (T d_v) per (batch, head),
+    within 5% (index tensors): no copy of the values per chunk, no second logits-sized buffer."""
+    B, H, T, L, S, dk, dv = 2, 2, 768, 16, 64, 32, 48
+    q, k_hat, z, v, codebook = quantized_inputs(B, H, T, S, dk, dv, dtype=torch.float32)
+    bias = torch.randn(B, H, T, L + 1)
+    with torch.no_grad():
+        out, peak = _peak_bytes(lambda: vq_attention(q, k_hat, z, v, codebook, L, bias, chunk_blocks=G))
+    C = G * L
+    n, W = T // C, S + L + C
+    need = 4 * B * H * (T * W + (n + 1) * S * (dv + 1) + (L + T) * dv + T * dv)
+    assert out.shape == (B, H, T, dv) and need <= peak <= 1.05 * need
+
+
+def test_streaming_forward_memory_beyond_its_output_is_independent_of_T():
+    """The streaming forward's peak allocation minus its output y is the same at 4 and 64 pieces."""
+    unit = _stream_unit(vq_n_head=2, vq_block_len=8, vq_codebook_size=16)
+    unit.stream_len = 64
+    extra = []
+    for T in (256, 4096):
+        x = torch.randn(2, T, 64, dtype=torch.float64)
+        with torch.no_grad():
+            y, peak = _peak_bytes(lambda: unit(x))
+        extra.append(peak - y.numel() * y.element_size())
+    assert 0 < extra[1] <= 1.01 * extra[0]
+
+
 @pytest.mark.parametrize("G", [1, 2, 3])
 @pytest.mark.parametrize("T,L,S,P", [(50, 8, 24, 16), (97, 12, 40, 36), (37, 4, 5, 8), (41, 8, 7, 8)])
 def test_no_grad_path_whole_and_in_pieces_with_carry_equals_dense_reference(T, L, S, G, P):
@@ -527,6 +577,7 @@ def test_no_grad_path_whole_and_in_pieces_with_carry_equals_dense_reference(T, L
     ref = dense_reference(q, k_hat, v, L, bias)
     with torch.no_grad():
         whole = vq_attention(q, k_hat, z, v, codebook, L, bias, chunk_blocks=G)
+        plain = vq_attention(q, k_hat, z, v, codebook, L, chunk_blocks=G)  # no position bias
         counts, sums = torch.zeros(B, H, S, dtype=v.dtype), torch.zeros(B, H, S, 10, dtype=v.dtype)
         prev, pieces = None, []
         for s0 in range(0, T, P):
@@ -540,6 +591,7 @@ def test_no_grad_path_whole_and_in_pieces_with_carry_equals_dense_reference(T, L
                 vq_cache_fold(counts, sums, z[:, :, s0:s0 + P - L], v[:, :, s0:s0 + P - L])
                 prev = tuple(t[:, :, s0 + P - L:s0 + P] for t in (k_hat, v, z))
     assert rel_err(whole, ref) < 1e-10
+    assert rel_err(plain, dense_reference(q, k_hat, v, L)) < 1e-10
     assert rel_err(torch.cat(pieces, 2), ref) < 1e-10
     assert prev is not None or T <= P  # the carry was used
 
