@@ -242,7 +242,7 @@ ATTENTION["dense"] = DenseAttention
 # Without autograd in eval mode (evaluation, and decode's prefill) the CPU path streams: one piece
 # (whole chunks, about 2^20 logits, or stream_len positions) at a time is projected, quantized and
 # attended, carrying the block before it and the cache (N and value sums per code), so its memory
-# beyond x and y is O(P (L + C + S + d) + (P / C) S d_v) for pieces of P positions, independent of T.
+# beyond x and y is O(P (L + C + S + d) + S d_v) for pieces of P positions, independent of T.
 # Decode: O(1) state per layer (the current and previous block, N and the value sums per
 # code) and O(L + S) time per token, independent of the context length.
 #
@@ -420,7 +420,7 @@ class VQGatedUnit(nn.Module):
         chunk_blocks_by_cost blocks, stream_len positions or, when None, about STREAM_LOGITS logits
         per piece over batch and heads): project, quantize and attend one piece at a time, carrying
         the block before it and the cache counts and value sums. Extra memory O(P (L + C + S + d) +
-        (P / C) S d_v) for pieces of P positions, independent of T. Same result, last_counts and
+        S d_v) for pieces of P positions, independent of T. Same result, last_counts and
         last_commit as the training forward. keep_state: also return decode's state after x (the
         prefill)."""
         B, T, _ = x.shape

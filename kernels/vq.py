@@ -388,42 +388,31 @@ def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G, carry=None):
 
 @torch.no_grad()
 def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
-    """vq_chunk_attention_torch without autograd (evaluation, the streaming forward), in fewer passes
-    over memory and with no buffer beyond the logits, the caches and the output: every key is a
-    codeword, so one product q C^T, written into the logits, makes the logits against the codes and
-    the window's are gathered from it at the keys' codes (k itself is not read); the position bias is
-    added along the window's diagonals in place, the causal mask by a fill, and the softmax runs in
-    place. The chunk caches are built by one index_add over the values at rows (chunk, code), each
-    position at the first chunk whose cache holds it, then a sum over chunks, divided by the counts in
-    place. The output is two products per chunk, the cache's [U / N] and the window's values, the
-    latter a view of [block before the first chunk | v]. Same arguments and result."""
+    """vq_chunk_attention_torch without autograd (evaluation, the streaming forward), holding no
+    buffer beyond the logits, one running cache and the output: every key is a codeword, so one
+    product q C^T, written into the logits, makes the logits against the codes and the window's are
+    gathered from it at the keys' codes (k itself is not read); the position bias is added along the
+    window's diagonals in place, the causal mask by a fill, the softmax runs in place, and the cache
+    columns' probabilities are divided by the counts N in place (p / N . U = p . U / N). Then chunk by
+    chunk: the positions that enter the cache at this chunk are added to one running U, and the
+    output is p_cache U plus p_window times the window's values, a view of v. Same arguments and result."""
     B, H, Tp, dk = q.shape
     C, S, dv = G * L, codebook.shape[1], v.shape[-1]
     n, W, BH = Tp // C, S + L + C, B * H
-    # [block before the first chunk | every position]: chunk c's window (block before, chunk) is rows c C .. c C + L + C
-    vw, zw = v.new_zeros(BH, L + Tp, dv), z.new_zeros(BH, L + Tp)
-    vw[:, L:], zw[:, L:] = v.reshape(BH, Tp, dv), z.reshape(BH, Tp)
+    v3, z2 = v.reshape(BH, Tp, dv), z.reshape(BH, Tp)
     # chunk c's cache holds the positions t < c C - L (and the carry's): t enters at chunk
-    # (t + L) // C + 1, the carry's block (just before t = 0) at chunk 1; row n takes those no chunk reads
-    U = v.new_zeros(BH * (n + 1) * S, dv)
-    counts = v.new_zeros(BH * (n + 1) * S)
-    base = torch.arange(BH, device=z.device).view(BH, 1) * (n + 1)
+    # (t + L) // C + 1, the positions (c - 1) C - L <= t < c C - L; the carry's block (just before t = 0) at chunk 1
+    counts = v.new_zeros(BH, n + 1, S)  # row n takes the positions no chunk reads
     enter = ((torch.arange(Tp, device=z.device) + L) // C + 1).clamp(max=n)
-
-    def add(rows, x):
-        U.view(-1, dv).index_add_(0, rows.reshape(-1), x.reshape(-1, dv))
-        counts.view(-1).index_add_(0, rows.reshape(-1), x.new_ones(()).expand(rows.numel()))
-    U, counts = U.view(BH, n + 1, S, dv), counts.view(BH, n + 1, S)
-    add((base + enter) * S + z.reshape(BH, Tp), v)
+    counts.view(BH, -1).scatter_add_(1, enter * S + z2, v.new_ones(()).expand(BH, Tp))
+    U = v.new_zeros(BH, S, dv)  # the running cache's value sums
     if carry is not None:
         counts0, sums0, pk, pv, pz = carry
-        vw[:, :L], zw[:, :L] = pv.reshape(BH, L, dv), pz.reshape(BH, L)
-        U[:, 0] += sums0.reshape(BH, S, dv)
+        pv, pz = pv.reshape(BH, L, dv), pz.reshape(BH, L)
+        U += sums0.reshape(BH, S, dv)
         counts[:, 0] += counts0.reshape(BH, S)
-        add((base + min(1, n)) * S + pz.reshape(BH, L), pv)
-    _scan_rows_(U[:, :n])  # inclusive sums over chunks
-    _scan_rows_(counts[:, :n])
-    U[:, :n] /= counts[:, :n].clamp(min=1).unsqueeze(-1)
+        counts[:, min(1, n)].scatter_add_(1, pz, v.new_ones(()).expand(BH, L))
+    _scan_rows_(counts[:, :n])  # inclusive sums over chunks
     logits = q.new_empty(BH, n, C, W)
     # every key is a codeword (k^_j = c_{z_j}), so q . k^_j is column z_j of q C^T: the window's
     # logits are gathered from the codes' instead of a second product against the keys
@@ -431,6 +420,11 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
     cb = codebook.to(q.dtype).transpose(-1, -2)
     for h in range(H):
         torch.bmm(q[:, h], cb[h].expand(B, dk, S), out=code[:, h])
+    # the window's codes: [block before the first chunk | every position], chunk c's at c C .. c C + L + C
+    zw = z.new_zeros(BH, L + Tp)
+    zw[:, L:] = z2
+    if carry is not None:
+        zw[:, :L] = pz
     torch.gather(logits[..., :S], -1, zw.as_strided((BH, n, C, L + C), (L + Tp, C, 0, 1)), out=lw)
     logits[..., :S] += _log_counts(counts[:, :n]).unsqueeze(2)
     # position bias d = 0..L of query i sits at window column L + i - d: a diagonal band of the logits
@@ -441,12 +435,23 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
     if carry is None:
         lw[:, 0, :, :L] = float("-inf")  # no block before the first chunk
     a = torch._softmax(logits, -1, False, out=logits)
+    a[..., :S] /= counts[:, :n].clamp(min=1).unsqueeze(2)
     o = v.new_empty(BH, n, C, dv)
-    win = vw.as_strided((BH, n, L + C, dv), (vw.stride(0), C * dv, dv, 1))
-    for i in range(min(BH, n)):  # products over the longer of (batch x head, chunk)
-        at = (i,) if BH <= n else (slice(None), i)
-        torch.bmm(a[at][..., :S], U[:, :n][at], out=o[at])
-        o[at].baddbmm_(a[at][..., S:], win[at])
+    for c in range(n):
+        lo, hi = max(0, (c - 1) * C - L), max(0, c * C - L)
+        if hi > lo:
+            U.view(-1, dv).index_add_(0, (z2[:, lo:hi] + S * torch.arange(BH, device=z.device)[:, None]).reshape(-1),
+                                      v3[:, lo:hi].reshape(-1, dv))
+        if c == 1 and carry is not None:
+            U.view(-1, dv).index_add_(0, (pz + S * torch.arange(BH, device=z.device)[:, None]).reshape(-1),
+                                      pv.reshape(-1, dv))
+        torch.bmm(a[:, c, :, :S], U, out=o[:, c])
+        if c > 0:  # the block before and the chunk: rows c C - L .. c C + C of v
+            o[:, c].baddbmm_(a[:, c, :, S:], v3[:, c * C - L:(c + 1) * C])
+        else:
+            o[:, 0].baddbmm_(a[:, 0, :, S + L:], v3[:, :C])
+            if carry is not None:
+                o[:, 0].baddbmm_(a[:, 0, :, S:S + L], pv)
     return o.view(B, H, Tp, dv)
 
 
