@@ -3,6 +3,10 @@ against the working tree's, side by side in one process (alternating, 0.1 s idle
 Swapped: kernels.vq's _chunk_attention_nograd and model.VQGatedUnit's _stream (the streaming forward).
 
     python results/peer-vq/stream-mem/ab_stream.py --before=1ed34d4 --T=8192,32768 --repeats=12 > results/peer-vq/stream-mem/ab.txt
+    python results/peer-vq/stream-mem/ab_stream.py --before=1ed34d4 --L=64 --S=128 --d_model=128 --d_k=64 --d_v=106 ...
+
+The unit defaults to the paper's (bench_peer's defaults); --L, --S, --d_model, --d_k, --d_v change it (the long
+config's unit: 64, 128, 128, 64, 106).
 """
 import argparse
 import importlib.util
@@ -31,12 +35,21 @@ def load_at(commit, path, name):
     return mod
 
 
+def commit():
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return head + (" with changes" if dirty else "")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", required=True)
     p.add_argument("--T", default="8192,32768")
     p.add_argument("--repeats", type=int, default=12)
     p.add_argument("--case", default="ours fwd", choices=["ours fwd", "ours fwd+bwd"])
+    for k, d in (("L", 256), ("S", 512), ("d_model", 256), ("d_k", 128), ("d_v", 512)):
+        p.add_argument(f"--{k}", type=int, default=d)
     a = p.parse_args()
     import bench_peer
     import kernels.vq
@@ -53,8 +66,9 @@ def main():
     def use(k):
         for (owner, name), f in zip(targets, versions[k]):
             setattr(owner, name, f)
-    cfg = dict(seed=0, d_model=256, d_k=128, d_v=512, L=256, S=512, beta=1e-4, batch=1, stream_len=None)
-    print(f"{a.case}: before = {a.before}; now = the working tree; {a.repeats} runs each, alternating")
+    cfg = dict(seed=0, d_model=a.d_model, d_k=a.d_k, d_v=a.d_v, L=a.L, S=a.S, beta=1e-4, batch=1, stream_len=None)
+    print(f"{a.case}: before = {a.before}; now = the working tree ({commit()}); {a.repeats} runs each, alternating; "
+          f"unit d_model {a.d_model}, d_k {a.d_k}, d_v {a.d_v}, L {a.L}, S {a.S}")
     for T in [int(t) for t in a.T.split(",")]:
         _, _, _, cases = bench_peer.ours_cases(cfg, T)
         step = cases[a.case]
