@@ -386,26 +386,51 @@ def vq_chunk_attention_torch(q, k, z, v, bias, codebook, L, G, carry=None):
     return _ChunkMix.apply(a, v.view(B, H, n, C, dv), sums, counts, L).view(B, H, Tp, dv)
 
 
+# Query rows per product of the no-grad path: chunks are taken ceil(NOGRAD_ROWS / C) at a time (at most half
+# of a piece's), so short chunks (the long config's C = 64) still make products of about 256 rows instead of
+# one small product per chunk; the paper's unit (C = 256) takes one chunk at a time.
+NOGRAD_ROWS = 256
+
+
+def nograd_chunk_group(n, C):
+    """Chunks per group of the no-grad path (n chunks of C positions): each group holds a cache per chunk."""
+    return max(1, min(-(-NOGRAD_ROWS // C), n // 2))
+
+
+def _bmm4(out, x, y, accumulate=False):
+    """out = x @ y (or out += x @ y) over two batch dimensions (N, M, ., .) that need not flatten into
+    one (views of wider buffers): min(N, M) batched products, no copies."""
+    N, M = out.shape[:2]
+    for i in range(min(N, M)):
+        at = (i,) if N <= M else (slice(None), i)
+        if accumulate:
+            out[at].baddbmm_(x[at], y[at])
+        else:
+            torch.bmm(x[at], y[at], out=out[at])
+
+
 @torch.no_grad()
 def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
-    """vq_chunk_attention_torch without autograd (evaluation, the streaming forward), holding no
-    buffer beyond the logits, one running cache and the output: every key is a codeword, so one
-    product q C^T, written into the logits, makes the logits against the codes and the window's are
-    gathered from it at the keys' codes (k itself is not read); the position bias is added along the
-    window's diagonals in place, the causal mask by a fill, the softmax runs in place, and the cache
-    columns' probabilities are divided by the counts N in place (p / N . U = p . U / N). Then chunk by
-    chunk: the positions that enter the cache at this chunk are added to one running U, and the
-    output is p_cache U plus p_window times the window's values, a view of v. Same arguments and result."""
+    """vq_chunk_attention_torch without autograd (evaluation, the streaming forward), holding little
+    beyond the logits and the output: every key is a codeword, so one product q C^T, written into the
+    logits, makes the logits against the codes and the window's are gathered from it at the keys' codes
+    (k itself is not read); the position bias is added along the window's diagonals in place, the
+    causal mask by a fill, the softmax runs in place, and the cache columns' probabilities are divided
+    by the counts N in place (p / N . U = p . U / N). Then a group of chunks at a time
+    (nograd_chunk_group): the caches of the group's chunks are built from the running one by one
+    index_add and a sum over chunks, and the output is p_cache U plus p_window times the window's
+    values, views of v. Same arguments and result."""
     B, H, Tp, dk = q.shape
     C, S, dv = G * L, codebook.shape[1], v.shape[-1]
     n, W, BH = Tp // C, S + L + C, B * H
     v3, z2 = v.reshape(BH, Tp, dv), z.reshape(BH, Tp)
+    per_bh = torch.arange(BH, device=z.device)[:, None]
     # chunk c's cache holds the positions t < c C - L (and the carry's): t enters at chunk
     # (t + L) // C + 1, the positions (c - 1) C - L <= t < c C - L; the carry's block (just before t = 0) at chunk 1
-    counts = v.new_zeros(BH, n + 1, S)  # row n takes the positions no chunk reads
     enter = ((torch.arange(Tp, device=z.device) + L) // C + 1).clamp(max=n)
+    counts = v.new_zeros(BH, n + 1, S)  # row n takes the positions no chunk reads
     counts.view(BH, -1).scatter_add_(1, enter * S + z2, v.new_ones(()).expand(BH, Tp))
-    U = v.new_zeros(BH, S, dv)  # the running cache's value sums
+    U = v.new_zeros(BH, S, dv)  # the running cache's value sums (before the current group)
     if carry is not None:
         counts0, sums0, pk, pv, pz = carry
         pv, pz = pv.reshape(BH, L, dv), pz.reshape(BH, L)
@@ -437,21 +462,33 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
     a = torch._softmax(logits, -1, False, out=logits)
     a[..., :S] /= counts[:, :n].clamp(min=1).unsqueeze(2)
     o = v.new_empty(BH, n, C, dv)
-    for c in range(n):
-        lo, hi = max(0, (c - 1) * C - L), max(0, c * C - L)
-        if hi > lo:
-            U.view(-1, dv).index_add_(0, (z2[:, lo:hi] + S * torch.arange(BH, device=z.device)[:, None]).reshape(-1),
-                                      v3[:, lo:hi].reshape(-1, dv))
-        if c == 1 and carry is not None:
-            U.view(-1, dv).index_add_(0, (pz + S * torch.arange(BH, device=z.device)[:, None]).reshape(-1),
-                                      pv.reshape(-1, dv))
-        torch.bmm(a[:, c, :, :S], U, out=o[:, c])
-        if c > 0:  # the block before and the chunk: rows c C - L .. c C + C of v
-            o[:, c].baddbmm_(a[:, c, :, S:], v3[:, c * C - L:(c + 1) * C])
+    # chunk c >= 1's window (block before, chunk) is rows c C - L .. c C + C of v: window c - 1 of this view
+    s0, s1, s2 = v3.stride()
+    win = v3.as_strided((BH, max(n - 1, 0), L + C, dv), (s0, C * s1, s1, s2), v3.storage_offset() + (C - L) * s1)
+    g = nograd_chunk_group(n, C)
+    for c0 in range(0, n, g):
+        m = min(g, n - c0)
+        if m == 1:  # the caches of chunks c0 .. c0 + m - 1: one chunk's is the running cache itself
+            Ug = U.unsqueeze(1)
         else:
-            o[:, 0].baddbmm_(a[:, 0, :, S + L:], v3[:, :C])
-            if carry is not None:
-                o[:, 0].baddbmm_(a[:, 0, :, S:S + L], pv)
+            Ug = v.new_zeros(BH, m, S, dv)
+            Ug[:, 0], U = U, None
+        lo, hi = max(0, (c0 - 1) * C - L), max(0, (c0 + m - 1) * C - L)  # the positions entering at them
+        if hi > lo:
+            rows = (enter[lo:hi] - c0) * S + z2[:, lo:hi] + per_bh * (m * S)
+            Ug.view(-1, dv).index_add_(0, rows.reshape(-1), v3[:, lo:hi].reshape(-1, dv))
+        if carry is not None and c0 <= 1 < c0 + m:
+            Ug.view(-1, dv).index_add_(0, ((1 - c0) * S + pz + per_bh * (m * S)).reshape(-1), pv.reshape(-1, dv))
+        _scan_rows_(Ug)
+        U = Ug[:, 0] if m == 1 else Ug[:, m - 1].clone()
+        _bmm4(o[:, c0:c0 + m], a[:, c0:c0 + m, :, :S], Ug)
+        c1 = max(c0, 1)
+        if c1 < c0 + m:
+            _bmm4(o[:, c1:c0 + m], a[:, c1:c0 + m, :, S:], win[:, c1 - 1:c0 + m - 1], accumulate=True)
+        Ug = None
+    o[:, 0].baddbmm_(a[:, 0, :, S + L:], v3[:, :C])  # chunk 0's window: the carry's block, then the chunk
+    if carry is not None:
+        o[:, 0].baddbmm_(a[:, 0, :, S:S + L], pv)
     return o.view(B, H, Tp, dv)
 
 
