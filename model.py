@@ -282,11 +282,11 @@ def relative_sinusoids(n, width, device, lam=10000.0):
     return torch.cat([ang.sin(), ang.cos()], dim=-1)
 
 
-# Logits per piece of the streaming forward (over batch and heads; W = S + L + C per query), so the
-# piece's working set is a few MiB whatever the unit's size: the paper's unit (W 1024) streams 1024
-# positions at a time, the long config's (W 256) 4096. On this CPU that is within 8% of the fastest
-# piece length tried at 8k and 32k for both units, where the former fixed 2048 was 14% off at the
-# long config's unit at 32k (results/peer-vq/stream-len*/stream-len.md).
+# Logits per piece of the streaming forward (over batch and heads; W = S + L + C per query): the paper's unit
+# (W 1024) streams 1024 positions at a time, the long config's (W 256) 4096. A memory choice: longer pieces are
+# faster (the paper's unit at 4096 positions: 0.89x / 0.87x the time of 1024 at 8k / 32k) but hold more (about
+# 14 MiB per 1024 positions there), and 1024 keeps that unit's forward within 2x of the official scan's memory
+# (results/peer-vq/session-c/stream-len*, README's VQ section).
 STREAM_LOGITS = 1 << 20
 
 
