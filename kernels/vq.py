@@ -459,7 +459,7 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
     lw[..., L:].masked_fill_(_later(C, q.device), float("-inf"))
     if carry is None:
         lw[:, 0, :, :L] = float("-inf")  # no block before the first chunk
-    a = torch._softmax(logits, -1, False, out=logits)
+    a = torch._softmax(logits, -1, False, out=logits)  # in place: ATen's softmax.out (torch.softmax takes no out=)
     a[..., :S] /= counts[:, :n].clamp(min=1).unsqueeze(2)
     o = v.new_empty(BH, n, C, dv)
     # chunk c >= 1's window (block before, chunk) is rows c C - L .. c C + C of v: window c - 1 of this view
