@@ -242,7 +242,8 @@ ATTENTION["dense"] = DenseAttention
 # Without autograd in eval mode (evaluation, and decode's prefill) the CPU path streams: one piece
 # (whole chunks, about 2^20 logits, or stream_len positions) at a time is projected, quantized and
 # attended, carrying the block before it and the cache (N and value sums per code), so its memory
-# beyond x and y is O(P (L + C + S + d) + S d_v) for pieces of P positions, independent of T.
+# beyond x and y is O(P (L + C + S + d) + g S d_v) for pieces of P positions, independent of T (g: chunks
+# whose caches are built at once, kernels.vq.nograd_chunk_group, 1 at the paper's unit).
 # Decode: O(1) state per layer (the current and previous block, N and the value sums per
 # code) and O(L + S) time per token, independent of the context length.
 #
@@ -420,9 +421,9 @@ class VQGatedUnit(nn.Module):
         chunk_blocks_by_cost blocks, stream_len positions or, when None, about STREAM_LOGITS logits
         per piece over batch and heads): project, quantize and attend one piece at a time, carrying
         the block before it and the cache counts and value sums. Extra memory O(P (L + C + S + d) +
-        S d_v) for pieces of P positions, independent of T. Same result, last_counts and
-        last_commit as the training forward. keep_state: also return decode's state after x (the
-        prefill)."""
+        g S d_v) for pieces of P positions (g: kernels.vq.nograd_chunk_group), independent of T.
+        Same result, last_counts and last_commit as the training forward. keep_state: also return
+        decode's state after x (the prefill)."""
         B, T, _ = x.shape
         H, L, S = self.H, self.L, self.S
         G = self.chunk_blocks or chunk_blocks_by_cost(L, S, self.dk, self.dv // H, min(T, self.stream_len or T))
@@ -464,6 +465,7 @@ class VQGatedUnit(nn.Module):
         """One piece of _stream: its output, (quantized keys, values, codes) and summed squared
         quantization error; counts its codes into last_counts."""
         q, k, v, g = self._project(x)
+        v = v.contiguous()  # head-major (B, H, T, d_v), so the attention reads it in place (a copy only when B, H > 1)
         z, k_hat, err = self.quantize(k)
         H = self.H
         self.last_counts.scatter_add_(1, z.transpose(0, 1).reshape(H, -1),

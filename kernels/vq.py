@@ -399,7 +399,7 @@ def nograd_chunk_group(n, C):
 
 def _bmm4(out, x, y, accumulate=False):
     """out = x @ y (or out += x @ y) over two batch dimensions (N, M, ., .) that need not flatten into
-    one (views of wider buffers): min(N, M) batched products, no copies."""
+    one (views of wider buffers): min(N, M) batched products, no copies of the operands on the CPU."""
     N, M = out.shape[:2]
     for i in range(min(N, M)):
         at = (i,) if N <= M else (slice(None), i)
@@ -419,7 +419,9 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
     by the counts N in place (p / N . U = p . U / N). Then a group of chunks at a time
     (nograd_chunk_group): the caches of the group's chunks are built from the running one by one
     index_add and a sum over chunks, and the output is p_cache U plus p_window times the window's
-    values, views of v. Same arguments and result."""
+    values, views of v (v is copied once where its batch and head dimensions do not flatten into one,
+    as for a head-major view of a (B, T, H, d_v) buffer with B, H > 1: VQGatedUnit._stream_piece
+    makes it contiguous first). Same arguments and result."""
     B, H, Tp, dk = q.shape
     C, S, dv = G * L, codebook.shape[1], v.shape[-1]
     n, W, BH = Tp // C, S + L + C, B * H
@@ -459,7 +461,7 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
     lw[..., L:].masked_fill_(_later(C, q.device), float("-inf"))
     if carry is None:
         lw[:, 0, :, :L] = float("-inf")  # no block before the first chunk
-    a = torch._softmax(logits, -1, False, out=logits)  # in place: ATen's softmax.out (torch.softmax takes no out=)
+    a = torch.softmax(logits, -1, out=logits)  # in place, as in _ChunkProbs
     a[..., :S] /= counts[:, :n].clamp(min=1).unsqueeze(2)
     o = v.new_empty(BH, n, C, dv)
     # chunk c >= 1's window (block before, chunk) is rows c C - L .. c C + C of v: window c - 1 of this view

