@@ -281,6 +281,14 @@ def _chunk_mix_t(a, x, L):
     return o.view(B, H, n, C, d)
 
 
+def _code_logits(q, codebook, out):
+    """out = q C^T per (batch, head), the logits against the codes: q (B, H, T, d_k), codebook (H, S, d_k),
+    out a (B H, T, S) view to write into (the first columns of a wider buffer)."""
+    B, H, T, dk = q.shape
+    codes_t = codebook.to(q.dtype).transpose(-1, -2).expand(B, H, dk, codebook.shape[1]).reshape(B * H, dk, -1)
+    return torch.bmm(q.reshape(B * H, T, dk), codes_t, out=out)
+
+
 class _ChunkProbs(torch.autograd.Function):
     """Attention probabilities of each chunk's queries q (B, H, n, C, d_k), in one buffer
     (B, H, n, C, S + L + C): logits against the S codewords plus log N (logn (B, H, n, S), -inf for an
@@ -295,8 +303,7 @@ class _ChunkProbs(torch.autograd.Function):
         B, H, n, C, dk = q.shape
         S = codebook.shape[1]
         a = q.new_empty(B, H, n, C, S + L + C)
-        codes_t = codebook.transpose(-1, -2).expand(B, H, dk, S).reshape(B * H, dk, S)
-        torch.bmm(q.reshape(B * H, n * C, dk), codes_t, out=a[..., :S].view(B * H, n * C, S))
+        _code_logits(q.view(B, H, n * C, dk), codebook, a[..., :S].view(B * H, n * C, S))
         a[..., :S] += logn.unsqueeze(3)
         _chunk_scores(q, k, L, float("-inf"), out=a[..., S:])
         a[..., S:] += torch.gather(table, -1, idx.expand(B, H, n, C, L + C))
@@ -422,7 +429,7 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
     values, views of v (v is copied once where its batch and head dimensions do not flatten into one,
     as for a head-major view of a (B, T, H, d_v) buffer with B, H > 1: VQGatedUnit._stream_piece
     makes it contiguous first). Same arguments and result."""
-    B, H, Tp, dk = q.shape
+    B, H, Tp = q.shape[:3]
     C, S, dv = G * L, codebook.shape[1], v.shape[-1]
     n, W, BH = Tp // C, S + L + C, B * H
     v3, z2 = v.reshape(BH, Tp, dv), z.reshape(BH, Tp)
@@ -443,10 +450,8 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
     logits = q.new_empty(BH, n, C, W)
     # every key is a codeword (k^_j = c_{z_j}), so q . k^_j is column z_j of q C^T: the window's
     # logits are gathered from the codes' instead of a second product against the keys
-    code, lw = logits.view(B, H, n * C, W)[..., :S], logits[..., S:]
-    cb = codebook.to(q.dtype).transpose(-1, -2)
-    for h in range(H):
-        torch.bmm(q[:, h], cb[h].expand(B, dk, S), out=code[:, h])
+    lw = logits[..., S:]
+    _code_logits(q, codebook, logits.view(BH, n * C, W)[..., :S])
     # the window's codes: [block before the first chunk | every position], chunk c's at c C .. c C + L + C
     zw = z.new_zeros(BH, L + Tp)
     zw[:, L:] = z2
@@ -458,7 +463,7 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
     if bias is not None:
         band = logits.as_strided((BH, n, C, L + 1), (n * C * W, C * W, W + 1, 1), logits.storage_offset() + S)
         band += bias.reshape(BH, n, C, L + 1).flip(-1)
-    lw[..., L:].masked_fill_(_later(C, q.device), float("-inf"))
+    lw[..., L:].masked_fill_(_window_index(C, L, L, q.device)[:, L:] == L + 2, float("-inf"))  # later keys
     if carry is None:
         lw[:, 0, :, :L] = float("-inf")  # no block before the first chunk
     a = torch.softmax(logits, -1, out=logits)  # in place, as in _ChunkProbs
@@ -493,16 +498,6 @@ def _chunk_attention_nograd(q, k, z, v, bias, codebook, L, G, carry):
         o[:, 0].baddbmm_(a[:, 0, :, S:S + L], pv)
     return o.view(B, H, Tp, dv)
 
-
-_LATER = {}
-
-
-def _later(C, device):
-    """(C, C) mask of the keys after each query within a chunk (kept per size and device)."""
-    key = (C, str(device))
-    if key not in _LATER:
-        _LATER[key] = torch.ones(C, C, dtype=torch.bool, device=device).triu(1)
-    return _LATER[key]
 
 
 # ------------------------------------------------------------------------------- entry point

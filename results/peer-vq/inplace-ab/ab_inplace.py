@@ -1,19 +1,18 @@
 """Training step of the paper's unit, the chunk products of commit BEFORE against the working tree's, side by side
-in one process (alternating, 0.1 s idle before each run), median ms.
+in one process (alternating, 0.1 s idle before each run), median ms. The loading and the alternation are
+../stream-mem/ab_stream.py's (load_at, alternate).
 
     python results/peer-vq/inplace-ab/ab_inplace.py --before=4e30991 --T=32768,8192 --repeats=10 > results/peer-vq/inplace-ab/ab.txt
 """
 import argparse
-import importlib.util
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "stream-mem"))
 NAMES = ["_ChunkProbs", "_ChunkMix", "_chunk_scores", "_chunk_mix", "_chunk_mix_t"]
 
 
@@ -25,33 +24,18 @@ def main():
     a = p.parse_args()
     import bench_peer
     import kernels.vq as KV
-    src = subprocess.run(["git", "-C", ROOT, "show", f"{a.before}:kernels/vq.py"], capture_output=True, text=True,
-                         check=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "vq_before.py")  # Triton's jit wants its source in a file
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location("vq_before", path)
-    before = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(before)
+    from ab_stream import alternate, load_at
+    before = load_at(a.before, "kernels/vq.py", "vq_before")
     versions = {"before": {n: getattr(before, n) for n in NAMES}, "now": {n: getattr(KV, n) for n in NAMES}}
+
+    def use(k):
+        for n, f in versions[k].items():
+            setattr(KV, n, f)
     cfg = dict(seed=0, d_model=256, d_k=128, d_v=512, L=256, S=512, beta=1e-4, batch=1, stream_len=None)
     print(f"before = {a.before}; now = the working tree; {a.repeats} runs each, alternating")
     for T in [int(t) for t in a.T.split(",")]:
         _, _, _, cases = bench_peer.ours_cases(cfg, T)
-        step = cases["ours fwd+bwd"]
-        times = {k: [] for k in versions}
-        for k in versions:  # warm-up
-            for n, f in versions[k].items():
-                setattr(KV, n, f)
-            step()
-        for r in range(a.repeats):
-            for k in (["before", "now"] if r % 2 == 0 else ["now", "before"]):
-                for n, f in versions[k].items():
-                    setattr(KV, n, f)
-                time.sleep(0.1)
-                t0 = time.perf_counter()
-                step()
-                times[k].append((time.perf_counter() - t0) * 1000)
+        times = alternate(cases["ours fwd+bwd"], use, a.repeats)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"T={T}: before {med['before']:.0f} ms, now {med['now']:.0f} ms, now/before {med['now'] / med['before']:.3f}"
               f"  (before {[round(t) for t in times['before']]}, now {[round(t) for t in times['now']]})", flush=True)

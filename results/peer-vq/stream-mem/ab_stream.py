@@ -42,6 +42,23 @@ def commit():
     return head + (" with changes" if dirty else "")
 
 
+def alternate(step, use, repeats):
+    """{"before": ms, "now": ms} lists of step(), one warm-up each, then `repeats` runs of each code,
+    alternating which goes first, 0.1 s idle before each; use(k) installs code k."""
+    times = {"before": [], "now": []}
+    for k in times:  # warm-up
+        use(k)
+        step()
+    for r in range(repeats):
+        for k in (["before", "now"] if r % 2 == 0 else ["now", "before"]):
+            use(k)
+            time.sleep(0.1)
+            t0 = time.perf_counter()
+            step()
+            times[k].append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", required=True)
@@ -71,18 +88,7 @@ def main():
           f"unit d_model {a.d_model}, d_k {a.d_k}, d_v {a.d_v}, L {a.L}, S {a.S}")
     for T in [int(t) for t in a.T.split(",")]:
         _, _, _, cases = bench_peer.ours_cases(cfg, T)
-        step = cases[a.case]
-        times = {k: [] for k in versions}
-        for k in versions:  # warm-up
-            use(k)
-            step()
-        for r in range(a.repeats):
-            for k in (["before", "now"] if r % 2 == 0 else ["now", "before"]):
-                use(k)
-                time.sleep(0.1)
-                t0 = time.perf_counter()
-                step()
-                times[k].append((time.perf_counter() - t0) * 1000)
+        times = alternate(cases[a.case], use, a.repeats)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"T={T}: before {med['before']:.1f} ms, now {med['now']:.1f} ms, now/before {med['now'] / med['before']:.3f}"
               f"  (before {[round(t) for t in times['before']]}, now {[round(t) for t in times['now']]})", flush=True)
